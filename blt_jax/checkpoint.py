@@ -1,0 +1,82 @@
+"""Orbax checkpoints of a run: parameters + optimizer state, the data iterator, and the
+resolved config. The only module that touches orbax."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from blt_jax.errors import UserError
+
+# orbax logs every save at INFO; keep the console for the progress bar.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+class Checkpointer:
+  """Saves every `every_steps` (and on demand), keeps the last `keep` steps."""
+
+  def __init__(self, workdir: str | Path, *, keep: int = 3, every_steps: int = 0):
+    self.directory = Path(workdir).absolute() / "checkpoints"
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def is_due(self, step: int) -> bool:
+    return bool(self.every_steps) and step % self.every_steps == 0
+
+  def save(self, step: int, state, *, config: dict, data_iter=None):
+    """Saves a pure-dict state at `step`; asynchronous: call `wait()` before reading."""
+    if step in self.manager.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int | None, abstract_state, *, data_iter=None):
+    """Restores (state, config) at `step` (None = latest), and the iterator in place."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {self.directory.parent}")
+    if step not in self.manager.all_steps():
+      raise UserError(f"no checkpoint at step {step} in {self.directory.parent} "
+                      f"(have {self.all_steps()})")
+    items = {"state": ocp.args.StandardRestore(abstract_state),
+             "config": ocp.args.JsonRestore()}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], restored["config"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_config(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
+  """The config saved with a checkpoint (latest by default), and its step."""
+  ckpt = Checkpointer(workdir)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f"no checkpoint in {Path(workdir)} (train first, or check --workdir)")
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  ckpt.close()
+  return restored["config"], step
+
+
+def abstract(tree):
+  """Shape/dtype skeleton of a pytree, for restoring into."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,257 @@
+"""Corpora -> a flat uint8 array + document offsets (cached), the held-out split, and
+grain pipelines of fixed-length windows that start with BOS.
+
+A window covers up to T target bytes of one document, starting at a multiple of T:
+  inputs  = [BOS, x[o], ..., x[o+T-2]]   targets = [x[o], ..., x[o+T-1]]   mask = real targets
+The final window of a document is zero-padded and its padding is masked out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from blt_jax.errors import UserError
+
+BOS = 256
+FORMAT_VERSION = 1
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """All documents of a corpus, back to back: document d is data[offsets[d]:offsets[d+1]]."""
+  name: str
+  fingerprint: str
+  data: np.ndarray       # uint8 [N]
+  offsets: np.ndarray    # int64 [D + 1]
+  names: list[str]
+  path: Path             # the cache directory holding it
+
+  def doc(self, d: int) -> bytes:
+    return self.data[self.offsets[d]:self.offsets[d + 1]].tobytes()
+
+
+def cache_root(cache_dir: str = "") -> Path:
+  return Path(cache_dir or os.environ.get("BLT_JAX_CACHE", "~/.cache/blt_jax")).expanduser()
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _stdlib_files() -> tuple[Path, list[Path]]:
+  root = Path(sysconfig.get_paths()["stdlib"])
+  files = [p for p in root.rglob("*.py")
+           if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])]
+  return root, sorted(files)
+
+
+def _source_files(corpus: str) -> tuple[Path, list[Path]]:
+  """The files a file-based corpus names, and the root their names are relative to."""
+  if corpus == "stdlib":
+    return _stdlib_files()
+  path = Path(corpus).expanduser()
+  if path.is_file():
+    return path.parent, [path]
+  if path.is_dir():
+    return path, sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+  if any(ch in corpus for ch in "*?["):
+    files = sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
+    if not files:
+      raise UserError(f"corpus glob {corpus!r} matches no files")
+    return Path(os.path.commonpath([str(f.parent) for f in files])), files
+  raise UserError(f"corpus {corpus!r} not found (expected stdlib, hf:NAME, or an existing "
+                  "file, directory or glob)")
+
+
+def _file_documents(root: Path, path: Path) -> Iterator[tuple[str, bytes]]:
+  rel = str(path.relative_to(root)) if path != root else path.name
+  if path.suffix == ".jsonl":
+    with open(path, "rb") as f:
+      for i, line in enumerate(f):
+        if line.strip():
+          try:
+            text = json.loads(line)["text"]
+          except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{i + 1}: expected a JSON object with a 'text' field")
+          yield f"{rel}:{i + 1}", text.encode("utf-8")
+  elif path.suffix == ".parquet":
+    try:
+      import pyarrow.parquet as pq
+    except ImportError:
+      raise UserError("reading .parquet corpora needs pyarrow: pip install pyarrow")
+    table = pq.read_table(path, columns=["text"])
+    for i, text in enumerate(table.column("text").to_pylist()):
+      if text:
+        yield f"{rel}:{i}", text.encode("utf-8")
+  else:
+    raw = path.read_bytes()
+    if b"\0" in raw[:8192]:
+      return  # binary file: not text
+    yield rel, raw
+
+
+def _hf_documents(name: str) -> Iterator[tuple[str, bytes]]:
+  try:
+    import datasets
+  except ImportError:
+    raise UserError("hf: corpora need the optional extra: pip install -e '.[hf]'")
+  try:
+    ds = datasets.load_dataset(name, split="train")
+  except Exception as e:  # the hub, the network or the name: report it in one line
+    raise UserError(f"could not load Hugging Face dataset {name!r}: {str(e).splitlines()[0]}")
+  for i, row in enumerate(ds):
+    yield f"{name}:{i}", row["text"].encode("utf-8")
+
+
+def _fingerprint(corpus: str, max_doc_bytes: int) -> str:
+  h = hashlib.blake2b(digest_size=10)
+  h.update(json.dumps([FORMAT_VERSION, corpus, max_doc_bytes]).encode())
+  if not corpus.startswith("hf:"):
+    root, files = _source_files(corpus)
+    for f in files:
+      st = f.stat()
+      h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0"
+               f"{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()
+
+
+def _documents(corpus: str) -> Iterator[tuple[str, bytes]]:
+  if corpus.startswith("hf:"):
+    yield from _hf_documents(corpus[3:])
+    return
+  root, files = _source_files(corpus)
+  for f in files:
+    yield from _file_documents(root, f)
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def _write_atomically(directory: Path, arrays: dict[str, np.ndarray], meta: dict):
+  """Writes into a temporary sibling, then renames it into place: never a half cache."""
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+  try:
+    for key, value in arrays.items():
+      np.save(tmp / f"{key}.npy", value)
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+      os.rename(tmp, directory)
+    except OSError:  # another process won the race; theirs is as good as ours
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def prepare(corpus: str, *, cache_dir: str = "", max_doc_bytes: int = 65536) -> Corpus:
+  """Reads a corpus once into uint8 + offsets under a fingerprint, and reuses it after."""
+  fp = _fingerprint(corpus, max_doc_bytes)
+  directory = cache_root(cache_dir) / "corpora" / fp
+  if not (directory / "meta.json").exists():
+    names, pieces = [], []
+    for name, raw in _documents(corpus):
+      for k, lo in enumerate(range(0, len(raw), max_doc_bytes)):
+        names.append(name if len(raw) <= max_doc_bytes else f"{name}#{k}")
+        pieces.append(np.frombuffer(raw[lo:lo + max_doc_bytes], np.uint8))
+    if not pieces:
+      raise UserError(f"corpus {corpus!r} has no text documents")
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
+    _write_atomically(directory, {"data": np.concatenate(pieces), "offsets": offsets},
+                      {"corpus": corpus, "names": names, "fingerprint": fp})
+  meta = json.loads((directory / "meta.json").read_text())
+  return Corpus(name=corpus, fingerprint=fp,
+                data=np.load(directory / "data.npy", mmap_mode="r"),
+                offsets=np.load(directory / "offsets.npy"), names=meta["names"], path=directory)
+
+
+def is_held_out(name: str, eval_fraction: float) -> bool:
+  """A stable split by document name: the same on every machine and every run."""
+  digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") / 2.0 ** 64 < eval_fraction
+
+
+def split(corpus: Corpus, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """Document ids of (train, held-out)."""
+  held = np.array([is_held_out(n, eval_fraction) for n in corpus.names], bool)
+  return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+# ---------------------------------------------------------------- windows
+
+
+def window_table(corpus: Corpus, doc_ids: np.ndarray, seq_len: int) -> np.ndarray:
+  """int64 [N, 2] of (start offset into corpus.data, number of real target bytes)."""
+  rows = []
+  for d in doc_ids:
+    lo, hi = int(corpus.offsets[d]), int(corpus.offsets[d + 1])
+    starts = np.arange(lo, hi, seq_len, dtype=np.int64)
+    rows.append(np.stack([starts, np.minimum(seq_len, hi - starts)], axis=1))
+  return np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)
+
+
+class WindowReader:
+  """(start, length) -> one window's inputs, targets and mask, as numpy."""
+
+  def __init__(self, data: np.ndarray, seq_len: int):
+    self.data, self.seq_len = data, seq_len
+
+  def __call__(self, row: np.ndarray) -> dict[str, np.ndarray]:
+    start, length = int(row[0]), int(row[1])
+    targets = np.zeros(self.seq_len, np.int32)
+    targets[:length] = self.data[start:start + length]
+    inputs = np.concatenate([[BOS], targets[:-1]]).astype(np.int32)
+    mask = (np.arange(self.seq_len) < length).astype(np.float32)
+    return {"inputs": inputs, "targets": targets, "mask": mask,
+            "start": np.int64(start), "length": np.int32(length)}
+
+
+def train_dataset(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_size: int,
+                  seed: int, transform=None) -> grain.IterDataset:
+  """Shuffled (per epoch, by seed), repeated, batched windows; deterministic per seed.
+
+  `transform`, when given, maps each batch (a dict of numpy arrays) to a new dict, e.g.
+  adding patch lengths. Iterators of the result have checkpointable state.
+  """
+  table = window_table(corpus, doc_ids, seq_len)
+  ds = (grain.MapDataset.source(table).shuffle(seed=seed).repeat()
+        .map(WindowReader(corpus.data, seq_len)).batch(batch_size, drop_remainder=True))
+  if transform is not None:
+    ds = ds.map(transform)
+  return ds.to_iter_dataset()
+
+
+def eval_batches(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_size: int,
+                 max_bytes: int = 0, transform=None) -> Iterator[dict[str, np.ndarray]]:
+  """Every held-out window once (or a fixed random subset up to `max_bytes` real bytes);
+  the last batch is filled with fully masked windows, which count for nothing."""
+  table = window_table(corpus, doc_ids, seq_len)
+  if max_bytes:
+    table = table[np.random.default_rng(1234).permutation(len(table))]
+    table = table[:max(1, int(np.searchsorted(np.cumsum(table[:, 1]), max_bytes)) + 1)]
+  read = WindowReader(corpus.data, seq_len)
+  for lo in range(0, len(table), batch_size):
+    rows = list(table[lo:lo + batch_size])
+    rows += [np.array([0, 0], np.int64)] * (batch_size - len(rows))
+    windows = [read(r) for r in rows]
+    batch = {k: np.stack([w[k] for w in windows]) for k in windows[0]}
+    yield transform(batch) if transform is not None else batch
+
+
+def num_windows(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, max_bytes: int = 0) -> int:
+  table = window_table(corpus, doc_ids, seq_len)
+  if max_bytes:
+    lengths = table[np.random.default_rng(1234).permutation(len(table)), 1]
+    return min(len(table), int(np.searchsorted(np.cumsum(lengths), max_bytes)) + 1)
+  return len(table)

@@ -1,0 +1,58 @@
+"""Held-out metrics per real byte: bits per byte, loss, accuracy, perplexity."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+MODEL_INPUTS = ("inputs", "patch_lengths")
+
+
+def model_inputs(batch):
+  """The arrays a model reads (targets and masks stay out of its sight)."""
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def apply(model, batch):
+  return model(batch["inputs"], batch.get("patch_lengths"))
+
+
+def token_stats(logits_BxTxV, batch):
+  """Sums over real target bytes only: (nll in nats, correct predictions, count)."""
+  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  targets_BxT = batch["targets"]
+  nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  mask_BxT = batch["mask"].astype(jnp.float32)
+  correct_BxT = (jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
+  return (jnp.sum(nll_BxT * mask_BxT), jnp.sum(correct_BxT * mask_BxT), jnp.sum(mask_BxT))
+
+
+def summarize(nll: float, correct: float, count: float) -> dict:
+  if count == 0:
+    return {"bpb": float("nan"), "loss": float("nan"), "accuracy": float("nan"),
+            "perplexity": float("nan"), "bytes": 0}
+  loss = nll / count
+  return {"bpb": loss / math.log(2), "loss": loss, "accuracy": correct / count,
+          "perplexity": math.exp(loss), "bytes": int(count)}
+
+
+class Evaluator:
+  """Jit-compiles one eval step for a model's graph and reuses it for every call."""
+
+  def __init__(self, graphdef):
+    def step(state, batch):
+      model = nnx.merge(graphdef, state)
+      return token_stats(apply(model, batch), batch)
+    self._step = jax.jit(step)
+
+  def __call__(self, state, batches, *, total: int | None = None, desc: str = "eval",
+               progress: bool = True) -> dict:
+    sums = np.zeros(3, np.float64)
+    for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress,
+                      unit="batch", dynamic_ncols=True):
+      sums += np.array([float(s) for s in self._step(state, batch)])
+    return summarize(*sums)

@@ -1,0 +1,47 @@
+"""A causal byte-level transformer LM: the entropy model and the plain byte baseline."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from blt_jax.models import layers
+
+BOS = 256          # input id of the beginning-of-sequence token; bytes are 0..255
+VOCAB_IN = 257     # bytes + BOS
+VOCAB_OUT = 256    # next-byte distribution
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteLMConfig:
+  dim: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  mlp_ratio: float = 4.0
+  window: int = 0            # sliding-window attention span in bytes; 0 = full causal
+  rope_theta: float = 10000.0
+  dtype: str = "float32"     # compute dtype; parameters stay float32
+
+
+class ByteLM(nnx.Module):
+  """Maps input ids [B, T] (BOS first) to next-byte logits [B, T, 256]."""
+
+  needs_patches = False
+
+  def __init__(self, cfg: ByteLMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.dtype)
+    self.embed = nnx.Embed(VOCAB_IN, cfg.dim, dtype=dtype, param_dtype=jnp.float32,
+                           embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, mlp_ratio=cfg.mlp_ratio,
+                                    rope_theta=cfg.rope_theta, dtype=dtype, rngs=rngs)
+    self.head = layers.dense(cfg.dim, VOCAB_OUT, rngs=rngs, dtype=dtype)
+
+  def __call__(self, inputs_BxT, patch_lengths_BxP=None):
+    del patch_lengths_BxP  # a byte LM has no patches
+    T = inputs_BxT.shape[1]
+    x_BxTxD = self.embed(inputs_BxT)
+    mask_TxT = layers.causal_mask(T, self.cfg.window or None)
+    x_BxTxD = self.trunk(x_BxTxD, mask_TxT[None])
+    return self.head(x_BxTxD).astype(jnp.float32)

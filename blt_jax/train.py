@@ -1,0 +1,204 @@
+"""One optax train loop for every model kind: jitted step with donated state, tqdm,
+metrics.jsonl, periodic held-out evaluation, orbax checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from blt_jax import checkpoint, data, models
+from blt_jax.errors import UserError
+from blt_jax.evaluate import Evaluator, apply, token_stats
+
+DEVICE_KEYS = ("inputs", "targets", "mask", "patch_lengths")
+
+
+class Diverged(UserError):
+  """Training produced a non-finite metric."""
+
+
+def build_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  try:
+    return models.build(config.model.kind, config.model.to_dict(), seed=config.train.seed)
+  except (ValueError, TypeError) as e:
+    raise UserError(f"bad model config: {e}")
+
+
+def _muon_dims(params):
+  """Muon for 2-D hidden matrices; embeddings and the output head stay with Adam."""
+  def dims(path, leaf):
+    names = {str(getattr(p, "key", p)) for p in path}
+    if leaf.ndim != 2 or names & {"embed", "embedding", "head", "hash_embeds"}:
+      return None
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, t.lr, max(1, t.warmup_steps), max(t.steps, t.warmup_steps + 1),
+      end_value=t.lr * t.min_lr_ratio)
+  if t.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
+  elif t.optimizer == "muon":
+    opt = optax.contrib.muon(schedule, adam_b1=t.b1, adam_b2=t.b2,
+                             weight_decay=t.weight_decay, adam_weight_decay=t.weight_decay,
+                             muon_weight_dimension_numbers=_muon_dims)
+  else:
+    raise UserError(f"unknown train.optimizer {t.optimizer!r} (adamw | muon)")
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
+
+
+def make_train_step(graphdef):
+  """(state, batch) -> (new state, device metrics); the input state is donated."""
+  def step(state, batch):
+    model, opt = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      nll, correct, count = token_stats(apply(model, batch), batch)
+      return nll / jnp.maximum(count, 1.0), (correct, count)
+
+    (loss, (correct, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    opt.update(model, grads)
+    metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1.0),
+               "grad_norm": optax.global_norm(grads), "bytes": count}
+    return nnx.state((model, opt)), metrics
+  return jax.jit(step, donate_argnums=0)
+
+
+def to_device(batch: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in batch.items() if k in DEVICE_KEYS}
+
+
+def check_same_model(saved: dict, current: ml_collections.ConfigDict, workdir):
+  """A checkpoint restores only into the model shape it was saved from."""
+  for key, value in current.model.to_dict().items():
+    if saved.get("model", {}).get(key) != value:
+      raise UserError(f"checkpoint in {workdir} has model.{key}="
+                      f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")
+
+
+class Splits:
+  """The corpus of a run, its train/held-out documents, and the eval corpus."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    d = config.data
+    self.corpus = data.prepare(d.corpus, cache_dir=d.cache_dir, max_doc_bytes=d.max_doc_bytes)
+    self.train_ids, self.heldout_ids = data.split(self.corpus, d.eval_fraction)
+    n_train = int(sum(self.corpus.offsets[i + 1] - self.corpus.offsets[i]
+                      for i in self.train_ids))
+    if n_train < d.seq_len:
+      raise UserError(f"corpus {d.corpus!r} has {n_train} training bytes, fewer than one "
+                      f"window (data.seq_len={d.seq_len})")
+    if config.eval.corpus:
+      self.eval_corpus = data.prepare(config.eval.corpus, cache_dir=d.cache_dir,
+                                      max_doc_bytes=d.max_doc_bytes)
+      self.eval_ids = np.arange(len(self.eval_corpus.names))
+    else:
+      if not len(self.heldout_ids):
+        raise UserError(f"corpus {d.corpus!r} has no held-out documents "
+                        f"({len(self.corpus.names)} in all); raise data.eval_fraction")
+      self.eval_corpus, self.eval_ids = self.corpus, self.heldout_ids
+
+  def eval_batches(self, config, max_bytes: int, transform=None):
+    kw = dict(seq_len=config.data.seq_len, max_bytes=max_bytes)
+    total = -(-data.num_windows(self.eval_corpus, self.eval_ids, **kw) // config.eval.batch_size)
+    batches = data.eval_batches(self.eval_corpus, self.eval_ids,
+                                batch_size=config.eval.batch_size, transform=transform, **kw)
+    return (to_device(b) for b in batches), total
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, transform=None,
+          eval_transform=None, progress: bool = True) -> dict:
+  """Trains (or resumes) to `train.steps`, then evaluates on held-out data.
+
+  `transform` maps each numpy batch before it reaches the model (e.g. adds patch
+  lengths for BLT); `eval_transform` does the same for eval corpora (default: same).
+  Returns the final eval metrics, also written to `<workdir>/eval.json`.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = config.train
+  splits = Splits(config)
+  eval_transform = eval_transform or transform
+  train_iter = iter(data.train_dataset(splits.corpus, splits.train_ids,
+                                       seq_len=config.data.seq_len, batch_size=t.batch_size,
+                                       seed=t.seed, transform=transform))
+  model = build_model(config)
+  optimizer = nnx.Optimizer(model, make_optimizer(t), wrt=nnx.Param)
+  model_graphdef = nnx.split(model)[0]
+  graphdef, state = nnx.split((model, optimizer))
+  del model, optimizer
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
+                                 every_steps=config.ckpt.every_steps)
+  config_dict = config.to_dict()
+  start = ckpt.latest_step() or 0
+  if start:
+    saved, _ = checkpoint.read_config(workdir, start)
+    check_same_model(saved, config, workdir)
+    restored, _ = ckpt.restore(start, checkpoint.abstract(state.to_pure_dict()),
+                               data_iter=train_iter)
+    nnx.replace_by_pure_dict(state, restored)
+
+  step_fn = make_train_step(graphdef)
+  evaluator = Evaluator(model_graphdef)
+
+  def held_out(max_bytes, desc):
+    batches, total = splits.eval_batches(config, max_bytes, eval_transform)
+    return evaluator(state[0], batches, total=total, desc=desc,
+                     progress=progress)
+
+  metrics_file = open(workdir / "metrics.jsonl", "a")
+  pending, t_log, bytes_log = [], time.perf_counter(), 0.0
+  last = min(t.steps, t.stop_at) if t.stop_at > 0 else t.steps
+  bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not progress,
+             dynamic_ncols=True, unit="step")
+  try:
+    for step in range(start + 1, last + 1):
+      batch = next(train_iter)
+      state, m = step_fn(state, to_device(batch))
+      pending.append(m)
+      bar.update(1)
+      if step % t.log_every == 0 or step == last:
+        host = jax.device_get(pending)
+        now = time.perf_counter()
+        n_bytes = float(sum(h["bytes"] for h in host))
+        row = {"step": step,
+               "loss": float(np.mean([h["loss"] for h in host])),
+               "accuracy": float(np.mean([h["accuracy"] for h in host])),
+               "grad_norm": float(np.mean([h["grad_norm"] for h in host])),
+               "bytes_per_s": n_bytes / (now - t_log)}
+        row["bpb"] = row["loss"] / math.log(2)
+        bad = [k for k in ("loss", "grad_norm") if not math.isfinite(row[k])]
+        if bad:
+          raise Diverged(f"training diverged at step {step}: {bad[0]} is {row[bad[0]]} "
+                         f"(last good checkpoint: step {ckpt.latest_step()})")
+        if config.eval.every_steps and step % config.eval.every_steps == 0:
+          row.update({f"eval_{k}": v for k, v in
+                      held_out(config.eval.train_max_bytes, "held-out").items()})
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}",
+                        bytes_s=f"{row['bytes_per_s']:.0f}")
+        pending, t_log = [], time.perf_counter()
+      if step == last or ckpt.is_due(step):
+        ckpt.save(step, state.to_pure_dict(), config=config_dict, data_iter=train_iter)
+  finally:
+    bar.close()
+    metrics_file.close()
+    ckpt.close()
+  result = held_out(config.eval.max_bytes, "final eval")
+  result["step"] = last
+  (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+  return result
+

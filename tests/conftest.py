@@ -1,0 +1,53 @@
+"""Shared fixtures: a private cache, parsed absl flags, a tiny trained entropy model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so `configs.*` import in-process as they do under launch.py
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+  """Corpora and entropy caches of the tests live in a temporary folder."""
+  cache = tmp_path_factory.mktemp("cache")
+  os.environ["BLT_JAX_CACHE"] = str(cache)
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+  return cache
+
+
+def launch(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs launch.py in a subprocess, as a user would."""
+  return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def tiny_config(name: str = "entropy_model", **overrides):
+  """A config object as launch.py would build it, at size=tiny, with overrides."""
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config("size=tiny")
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, private_cache):
+  """A tiny entropy model trained once through the launcher; its workdir."""
+  workdir = tmp_path_factory.mktemp("runs") / "entropy_tiny"
+  result = launch("--config=configs/entropy_model.py:size=tiny", f"--workdir={workdir}",
+                  "--config.train.steps=60", "--config.ckpt.every_steps=30")
+  assert result.returncode == 0, result.stderr[-2000:]
+  return workdir
