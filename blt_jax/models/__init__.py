@@ -9,10 +9,12 @@ import dataclasses
 
 from flax import nnx
 
+from blt_jax.models.blt import BLT, BLTConfig
 from blt_jax.models.byte_lm import BOS, ByteLM, ByteLMConfig
 
 KINDS = {
     "byte_lm": (ByteLMConfig, ByteLM),
+    "blt": (BLTConfig, BLT),
 }
 
 

@@ -1,0 +1,207 @@
+"""The Byte Latent Transformer (Pagnoni et al., 2024) in flax.nnx.
+
+Shapes: B batch, T bytes, P byte patches (= global slots), k query slots per patch,
+E / G / D encoder / global / decoder widths.
+
+Alignment. inputs = [BOS, x0, .., x_{T-2}], targets = x0 .. x_{T-1}; logits[i] predict x_i.
+`patch_lengths_BxP` splits the T targets into patches; g[i] is the patch of target x_i.
+Input position 0 (BOS) forms input patch 0; input position i >= 1 (holding x_{i-1})
+belongs to input patch g[i-1] + 1. The decoder at position i reads only the global output
+of input patch g[i], which holds BOS (g = 0) or the bytes of byte patch g[i] - 1, all before
+x_i's patch: complete and causal. Input patch P (the bytes of the last byte patch) is never
+read by any decoder position, so it is dropped: the global transformer runs over P slots,
+input patches 0 .. P-1.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from blt_jax.models import flops as flops_lib
+from blt_jax.models import layers
+from blt_jax.models.byte_lm import VOCAB_IN, VOCAB_OUT
+from blt_jax.models.hash_embed import HashEmbed
+
+
+@dataclasses.dataclass(frozen=True)
+class BLTConfig:
+  enc_dim: int = 256             # local encoder width
+  enc_layers: int = 1
+  enc_heads: int = 4
+  enc_window: int = 256          # encoder causal self-attention span in bytes; 0 = full
+  global_dim: int = 512          # global (latent) transformer width
+  global_layers: int = 6
+  global_heads: int = 8
+  dec_dim: int = 256             # local decoder width
+  dec_layers: int = 2
+  dec_heads: int = 4
+  dec_window: int = 256          # decoder causal self-attention span in bytes; 0 = full
+  cross_attn_k: int = 2          # query slots per patch (encoder and decoder cross-attention)
+  cross_heads: int = 4           # heads of both cross-attentions
+  pooling: str = "max"           # patch pooling of encoder states: 'max' | 'mean'
+  hash_ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8)   # hash n-gram sizes; () = off
+  hash_buckets: int = 4096       # rows of each hash embedding table
+  max_patches: int = 256         # P: fixed number of patches per window (patcher pads/folds)
+  mlp_ratio: float = 4.0
+  rope_theta: float = 10000.0
+  dtype: str = "float32"         # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    ngrams = self.hash_ngrams
+    if isinstance(ngrams, str):   # e.g. a command-line override "3,4,5" or ""
+      ngrams = [s for s in ngrams.replace(" ", "").strip("()[]").split(",") if s]
+    object.__setattr__(self, "hash_ngrams", tuple(int(n) for n in ngrams))
+    if self.pooling not in ("max", "mean"):
+      raise ValueError(f"pooling must be 'max' or 'mean', got {self.pooling!r}")
+    if self.global_dim % self.cross_attn_k:
+      raise ValueError(f"global_dim {self.global_dim} is not divisible by "
+                       f"cross_attn_k {self.cross_attn_k}")
+    slot_dim = self.global_dim // self.cross_attn_k
+    for name, width in (("global_dim // cross_attn_k", slot_dim), ("dec_dim", self.dec_dim)):
+      if width % self.cross_heads:
+        raise ValueError(f"{name} = {width} is not divisible by cross_heads {self.cross_heads}")
+    if any(n < 1 for n in self.hash_ngrams):
+      raise ValueError(f"hash_ngrams must be positive, got {self.hash_ngrams}")
+
+
+# ----------------------------------------------------------------------------- patch indexing
+
+def byte_patch_ids(patch_lengths_BxP, seq_len: int):
+  """g [B, T] int32: the patch holding target byte i (clamped to P-1)."""
+  P = patch_lengths_BxP.shape[-1]
+  ends_BxP = jnp.cumsum(patch_lengths_BxP.astype(jnp.int32), axis=-1)
+  pos_T = jnp.arange(seq_len, dtype=jnp.int32)
+  g_BxT = jnp.sum(ends_BxP[:, None, :] <= pos_T[None, :, None], axis=-1, dtype=jnp.int32)
+  return jnp.minimum(g_BxT, P - 1)
+
+
+def input_patch_ids(g_BxT):
+  """ip [B, T]: input patch of each input position; BOS is 0, position i >= 1 is g[i-1] + 1."""
+  return jnp.concatenate([jnp.zeros_like(g_BxT[:, :1]), g_BxT[:, :-1] + 1], axis=1)
+
+
+def encoder_cross_mask(ip_BxT, n_patches: int, k: int):
+  """[B, P*k, T] bool: slot j of patch p (row p*k + j) sees input positions of patch p only."""
+  slot_patch_S = jnp.arange(n_patches * k, dtype=jnp.int32) // k
+  return ip_BxT[:, None, :] == slot_patch_S[None, :, None]
+
+
+def decoder_cross_mask(g_BxT, n_patches: int, k: int):
+  """[B, T, P*k] bool: decoder position i sees the k slots of global patch g[i] only."""
+  slot_patch_S = jnp.arange(n_patches * k, dtype=jnp.int32) // k
+  return g_BxT[:, :, None] == slot_patch_S[None, None, :]
+
+
+def pool_patches(h_BxTxD, ip_BxT, n_patches: int, mode: str = "max"):
+  """[B, P, D]: max or mean of h over each input patch 0..P-1; empty patches give zeros."""
+  B, T, D = h_BxTxD.shape
+  n_seg = n_patches + 1  # input patch P (never read) gets its own segment, then dropped
+  seg_BxT = ip_BxT + n_seg * jnp.arange(B, dtype=ip_BxT.dtype)[:, None]
+  seg_N, h_NxD = seg_BxT.reshape(-1), h_BxTxD.reshape(B * T, D)
+  count_N = jax.ops.segment_sum(jnp.ones((B * T,), jnp.float32), seg_N, B * n_seg)
+  count_BxPx1 = count_N.reshape(B, n_seg, 1)[:, :n_patches]
+  if mode == "max":
+    pooled_N = jax.ops.segment_max(h_NxD, seg_N, B * n_seg)
+    pooled_BxPxD = pooled_N.reshape(B, n_seg, D)[:, :n_patches]
+    return jnp.where(count_BxPx1 > 0, pooled_BxPxD, 0).astype(h_BxTxD.dtype)
+  summed_N = jax.ops.segment_sum(h_NxD.astype(jnp.float32), seg_N, B * n_seg)
+  summed_BxPxD = summed_N.reshape(B, n_seg, D)[:, :n_patches]
+  return (summed_BxPxD / jnp.maximum(count_BxPx1, 1)).astype(h_BxTxD.dtype)
+
+
+# ----------------------------------------------------------------------------- model
+
+class CrossAttention(nnx.Module):
+  """Pre-norm residual cross-attention (no RoPE): x + attn(norm(x), kv)."""
+
+  def __init__(self, dim: int, kv_dim: int, n_heads: int, *, dtype, rngs: nnx.Rngs):
+    self.norm = layers.RMSNorm(dim, rngs=rngs)
+    self.attn = layers.Attention(dim, n_heads, kv_dim=kv_dim, use_rope=False, dtype=dtype,
+                                 rngs=rngs)
+
+  def __call__(self, x_BxTxD, kv_BxSxE, mask_BxTxS):
+    return x_BxTxD + self.attn(self.norm(x_BxTxD), mask_BxTxS, kv_BxSxE=kv_BxSxE)
+
+
+class BLT(nnx.Module):
+  """Maps input ids [B, T] (BOS first) and patch lengths [B, P] to next-byte logits [B, T, 256]."""
+
+  needs_patches = True
+
+  def __init__(self, cfg: BLTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.dtype)
+    E, G, D, k = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k
+    tf = dict(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta, dtype=dtype, rngs=rngs)
+    self.embed = nnx.Embed(VOCAB_IN, E, dtype=dtype, param_dtype=jnp.float32,
+                           embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.hash_embed = (HashEmbed(cfg.hash_ngrams, cfg.hash_buckets, E, dtype=dtype, rngs=rngs)
+                       if cfg.hash_ngrams else None)
+    self.encoder = layers.Transformer(E, cfg.enc_layers, cfg.enc_heads, **tf)
+    # Patch vectors: pooled encoder states -> k query slots of width G/k -> cross-attention.
+    self.enc_slots = layers.dense(E, G, rngs=rngs, dtype=dtype)
+    self.enc_cross = CrossAttention(G // k, E, cfg.cross_heads, dtype=dtype, rngs=rngs)
+    self.global_tf = layers.Transformer(G, cfg.global_layers, cfg.global_heads, **tf)
+    # Decoder: bytes (from encoder states) cross-attend to the k slots of their patch.
+    self.dec_slots = layers.dense(G, k * D, rngs=rngs, dtype=dtype)
+    self.enc_to_dec = layers.dense(E, D, rngs=rngs, dtype=dtype) if E != D else None
+    self.dec_cross = CrossAttention(D, D, cfg.cross_heads, dtype=dtype, rngs=rngs)
+    self.decoder = layers.Transformer(D, cfg.dec_layers, cfg.dec_heads, **tf)
+    self.head = layers.dense(D, VOCAB_OUT, rngs=rngs, dtype=dtype)
+
+  def embed_inputs(self, inputs_BxT):
+    """[B, T, E]: byte embedding plus hash n-gram embeddings, sum scaled by 1/sqrt(#tables)."""
+    x_BxTxE = self.embed(inputs_BxT)
+    if self.hash_embed is not None:
+      n_tables = 1 + len(self.cfg.hash_ngrams)
+      x_BxTxE = (x_BxTxE + self.hash_embed(inputs_BxT)) * (n_tables ** -0.5)
+    return x_BxTxE
+
+  def __call__(self, inputs_BxT, patch_lengths_BxP):
+    return self.forward_embedded(self.embed_inputs(inputs_BxT), patch_lengths_BxP)
+
+  def forward_embedded(self, x_BxTxE, patch_lengths_BxP):
+    """Logits [B, T, 256] float32 from embedded inputs (split out for gradient tests)."""
+    cfg, k = self.cfg, self.cfg.cross_attn_k
+    B, T, _ = x_BxTxE.shape
+    P = patch_lengths_BxP.shape[-1]
+    g_BxT = byte_patch_ids(patch_lengths_BxP, T)
+    ip_BxT = input_patch_ids(g_BxT)
+
+    # Local encoder: windowed causal self-attention over bytes.
+    h_BxTxE = self.encoder(x_BxTxE, layers.causal_mask(T, cfg.enc_window or None)[None])
+
+    # Patch vectors: pool -> k slots -> each slot cross-attends to its own patch's bytes.
+    pooled_BxPxE = pool_patches(h_BxTxE, ip_BxT, P, cfg.pooling)
+    q_BxPkxS = self.enc_slots(pooled_BxPxE).reshape(B, P * k, -1)
+    q_BxPkxS = self.enc_cross(q_BxPkxS, h_BxTxE, encoder_cross_mask(ip_BxT, P, k))
+    z_BxPxG = q_BxPkxS.reshape(B, P, -1)
+
+    # Global transformer: causal over patches.
+    z_BxPxG = self.global_tf(z_BxPxG, layers.causal_mask(P)[None])
+
+    # Local decoder: byte i reads the k slots of global patch g[i] (complete patches only).
+    slots_BxPkxD = self.dec_slots(z_BxPxG).reshape(B, P * k, -1)
+    d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
+    d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPkxD, decoder_cross_mask(g_BxT, P, k))
+    d_BxTxD = self.decoder(d_BxTxD, layers.causal_mask(T, cfg.dec_window or None)[None])
+    return self.head(d_BxTxD).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def param_counts(model: nnx.Module) -> dict:
+  """Parameter counts: total, and without the hash n-gram embedding tables."""
+  total = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  hash_embed = getattr(model, "hash_embed", None)
+  n_hash = (sum(p.size for p in jax.tree.leaves(nnx.state(hash_embed, nnx.Param)))
+            if hash_embed is not None else 0)
+  return dict(total=int(total), without_hash=int(total - n_hash))
+
+
+def flops_per_byte(cfg: BLTConfig, seq_len: int, mean_patch_size: float | None = None) -> float:
+  """Training (forward + backward) matmul FLOPs per byte; see `flops.blt_flops_per_byte`."""
+  return flops_lib.blt_flops_per_byte(cfg, seq_len, mean_patch_size)

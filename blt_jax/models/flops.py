@@ -1,0 +1,73 @@
+"""Analytic training FLOPs per byte for the byte LM and BLT (matched-compute comparisons).
+
+Conventions (one multiply-add = 2 FLOPs; training = 3 x forward, i.e. backward = 2 x forward):
+- a dense layer din -> dout costs 2 * din * dout per row it is applied to;
+- a transformer block of width d and SwiGLU hidden h costs 2 * (4 d^2 + 3 d h) per row, plus
+  attention 4 * d * c (scores q.k and the weighted sum of v), where c is the mean number of
+  keys a query may see: for causal attention with span w over n rows,
+  c = mean_{i < n} min(i + 1, w) (w = n when unwindowed). Masked-out keys are not counted
+  (model FLOPs, not the FLOPs the dense masked kernels execute);
+- embedding lookups (bytes and hash n-grams), norms, RoPE, softmax, pooling are not counted.
+"""
+from __future__ import annotations
+
+from blt_jax.models import layers
+
+VOCAB_OUT = 256
+
+
+def mean_context(n: int, window: int = 0) -> float:
+  """Mean number of visible keys per query in causal attention over n rows with span `window`."""
+  w = min(window, n) if window else n
+  # sum_{i=0}^{n-1} min(i+1, w) = w(w+1)/2 + (n - w) w
+  return (w * (w + 1) / 2 + (n - w) * w) / n
+
+
+def block_flops(dim: int, mlp_ratio: float, context: float) -> float:
+  """Forward FLOPs per row of one pre-norm block (attention projections, SwiGLU, attention)."""
+  hidden = layers.mlp_hidden(dim, mlp_ratio)
+  return 2 * (4 * dim * dim + 3 * dim * hidden) + 4 * dim * context
+
+
+def byte_lm_flops_per_byte(cfg, seq_len: int) -> float:
+  """Training FLOPs per byte of ByteLM at sequence length `seq_len`."""
+  ctx = mean_context(seq_len, cfg.window)
+  fwd = cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx) + 2 * cfg.dim * VOCAB_OUT
+  return 3.0 * fwd
+
+
+def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) -> float:
+  """Training FLOPs per byte of BLT; n_p = seq_len / mean_patch_size global slots.
+
+  Per byte: encoder blocks; k/v projections of the encoder cross-attention (2 * 2 * E * G/k);
+  encoder -> decoder projection (if E != D); decoder cross-attention q/o projections
+  (2 * 2 * D^2) and attention over its patch's k slots (4 * D * k); decoder blocks; head.
+  Per patch (divided by the mean patch size m): slot projection (2 * E * G); encoder
+  cross-attention q/o projections (k * 2 * 2 * (G/k)^2) and attention of k slots over the
+  patch's m bytes (4 * G * m); global blocks with causal context over n_p patches;
+  decoder slot projection (2 * G * k * D) and its k/v projections (k * 2 * 2 * D^2).
+  mean_patch_size None uses seq_len / cfg.max_patches (the slots actually executed).
+  """
+  T = seq_len
+  E, G, D, k = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k
+  m = float(mean_patch_size) if mean_patch_size else T / cfg.max_patches
+  n_p = max(1, round(T / m))
+  S = G / k
+  per_byte = (cfg.enc_layers * block_flops(E, cfg.mlp_ratio, mean_context(T, cfg.enc_window))
+              + 2 * 2 * E * S
+              + (2 * E * D if E != D else 0)
+              + 2 * 2 * D * D + 4 * D * k
+              + cfg.dec_layers * block_flops(D, cfg.mlp_ratio, mean_context(T, cfg.dec_window))
+              + 2 * D * VOCAB_OUT)
+  per_patch = (2 * E * G
+               + k * 2 * 2 * S * S + 4 * G * m
+               + cfg.global_layers * block_flops(G, cfg.mlp_ratio, mean_context(n_p))
+               + 2 * G * k * D + k * 2 * 2 * D * D)
+  return 3.0 * (per_byte + per_patch / m)
+
+
+def flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) -> float:
+  """Dispatches on the config: BLT configs have `global_dim`, byte LM configs do not."""
+  if hasattr(cfg, "global_dim"):
+    return blt_flops_per_byte(cfg, seq_len, mean_patch_size)
+  return byte_lm_flops_per_byte(cfg, seq_len)
