@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,21 +21,16 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:size
 flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>[_<size>].")
 
 
-def default_workdir(config_path: str, size: str) -> str:
-  name = Path(config_path.split(":")[0]).stem
-  return f"runs/{name}" if size == "small" else f"runs/{name}_{size}"
-
-
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  from blt_jax import modes
+  from blt_jax import modes, pipeline
   from blt_jax.errors import UserError
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
   if config is None:
     fail("--config is required, e.g. --config=configs/patch3.py")
-  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]),
+  workdir = FLAGS.workdir or pipeline.default_workdir(config_flags.get_config_filename(FLAGS["config"]),
                                              config.get("size", "small"))
   try:
     modes.run(config, workdir)

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from blt_jax import checkpoint
@@ -37,12 +36,21 @@ class LanguageModel:
   def __init__(self, model, config: ml_collections.ConfigDict, step: int, patcher=None):
     self.model, self.config, self.step = model, config, step
     self.seq_len = config.data.seq_len
-    self.patcher = patcher  # inputs/targets/mask batch -> patch lengths, for BLT
+    self.patcher = patcher  # adds patch lengths to a document's windows, for BLT
     graphdef, self._state = nnx.split(model)
 
     def logprobs(state, batch):
       return jax.nn.log_softmax(apply(nnx.merge(graphdef, state), batch), axis=-1)
     self._logprobs = jax.jit(logprobs)
+
+    def entropies(state, inputs):
+      logp = logprobs(state, {"inputs": inputs})
+      return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    self._entropies = jax.jit(entropies)
+
+  def entropies(self, inputs_BxT) -> jax.Array:
+    """Next-byte entropies (nats) [B, T] of a byte LM for BOS-led input windows."""
+    return self._entropies(self._state, jnp.asarray(inputs_BxT))
 
   def windows(self, data: bytes) -> dict[str, np.ndarray]:
     """Splits bytes into the same BOS-led windows of seq_len that training and eval use."""
@@ -61,7 +69,7 @@ class LanguageModel:
       return np.zeros((0, 256), np.float32)
     windows = self.windows(data)
     if self.patcher is not None:
-      windows = self.patcher(windows)
+      windows = self.patcher.for_document(bytes(data), windows)
     out = []
     for lo in range(0, len(windows["inputs"]), batch_size):
       batch = {k: v[lo:lo + batch_size] for k, v in windows.items()}
@@ -77,4 +85,6 @@ def load(workdir: str | Path, step: int | None = None) -> LanguageModel:
   """Restores a run's config and parameters (latest step by default)."""
   saved, step = checkpoint.read_config(workdir, step)
   config = ml_collections.ConfigDict(saved)
-  return LanguageModel(restore_model(config, workdir, step), config, step)
+  from blt_jax import pipeline  # the patcher needs this module's LanguageModel
+  return LanguageModel(restore_model(config, workdir, step), config, step,
+                       pipeline.load_patcher(config))

@@ -81,7 +81,8 @@ def to_device(batch: dict) -> dict:
 
 def check_same_model(saved: dict, current: ml_collections.ConfigDict, workdir):
   """A checkpoint restores only into the model shape it was saved from."""
-  for key, value in current.model.to_dict().items():
+  as_saved = json.loads(current.model.to_json())  # tuples become lists, as in the file
+  for key, value in as_saved.items():
     if saved.get("model", {}).get(key) != value:
       raise UserError(f"checkpoint in {workdir} has model.{key}="
                       f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")
@@ -109,16 +110,17 @@ class Splits:
                         f"({len(self.corpus.names)} in all); raise data.eval_fraction")
       self.eval_corpus, self.eval_ids = self.corpus, self.heldout_ids
 
-  def eval_batches(self, config, max_bytes: int, transform=None):
+  def eval_batches(self, config, max_bytes: int, transform=None, on_device: bool = True):
+    """(batches, number of batches) of the eval windows; numpy when not `on_device`."""
     kw = dict(seq_len=config.data.seq_len, max_bytes=max_bytes)
     total = -(-data.num_windows(self.eval_corpus, self.eval_ids, **kw) // config.eval.batch_size)
     batches = data.eval_batches(self.eval_corpus, self.eval_ids,
                                 batch_size=config.eval.batch_size, transform=transform, **kw)
-    return (to_device(b) for b in batches), total
+    return ((to_device(b) for b in batches) if on_device else batches), total
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, transform=None,
-          eval_transform=None, progress: bool = True) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None,
+          transform=None, eval_transform=None, progress: bool = True) -> dict:
   """Trains (or resumes) to `train.steps`, then evaluates on held-out data.
 
   `transform` maps each numpy batch before it reaches the model (e.g. adds patch
@@ -128,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, transform=N
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
-  splits = Splits(config)
+  splits = splits or Splits(config)
   eval_transform = eval_transform or transform
   train_iter = iter(data.train_dataset(splits.corpus, splits.train_ids,
                                        seq_len=config.data.seq_len, batch_size=t.batch_size,

@@ -7,6 +7,8 @@ A config file's `get_config(arg)` takes an optional string such as `size=tiny`:
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 SIZES = ("tiny", "small", "gpu")
@@ -16,6 +18,26 @@ BYTE_LM = {
     "tiny": dict(dim=32, n_layers=2, n_heads=2, window=0),
     "small": dict(dim=128, n_layers=4, n_heads=4, window=0),
     "gpu": dict(dim=768, n_layers=12, n_heads=12, window=0),
+}
+
+# The small entropy model a BLT run trains (once) and patches with; cheap to score.
+ENTROPY_PATCHER = {
+    "tiny": dict(dim=32, n_layers=2, n_heads=2, window=0),
+    "small": dict(dim=64, n_layers=2, n_heads=2, window=0),
+    "gpu": dict(dim=512, n_layers=8, n_heads=8, window=0),
+}
+
+# BLT shapes per size (max_patches is derived from the expected mean patch size).
+BLT = {
+    "tiny": dict(enc_dim=32, enc_layers=1, enc_heads=2, enc_window=64, global_dim=64,
+                 global_layers=2, global_heads=2, dec_dim=32, dec_layers=1, dec_heads=2,
+                 dec_window=64, cross_attn_k=2, cross_heads=2, hash_buckets=512),
+    "small": dict(enc_dim=128, enc_layers=1, enc_heads=4, enc_window=256, global_dim=256,
+                  global_layers=4, global_heads=4, dec_dim=128, dec_layers=2, dec_heads=4,
+                  dec_window=256, cross_attn_k=2, cross_heads=4, hash_buckets=4096),
+    "gpu": dict(enc_dim=512, enc_layers=1, enc_heads=8, enc_window=512, global_dim=1536,
+                global_layers=12, global_heads=12, dec_dim=512, dec_layers=6, dec_heads=8,
+                dec_window=512, cross_attn_k=2, cross_heads=8, hash_buckets=65536),
 }
 
 # Data / optimisation scale per size.
@@ -72,8 +94,10 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.patching.threshold = -1.0    # explicit entropy threshold (nats); < 0 = calibrate
   c.patching.patch_size = 4      # for `static`
   c.patching.max_patch_len = 0   # cut longer patches every this many bytes; 0 = off
-  c.patching.entropy_config = "configs/entropy_model.py"  # how to train the entropy model
-  c.patching.entropy_workdir = ""  # '' = runs/entropy_model[_<size>], trained if missing
+  c.patching.text = ""           # mode=patch: the text to patch (or patching.file)
+  c.patching.file = ""           # mode=patch: a file to patch (its first 2000 bytes)
+  c.patching.entropy_config = ""  # config of the entropy model (trained if not yet done)
+  c.patching.entropy_workdir = ""  # its workdir; '' = the default workdir of that config
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = s["steps"]
@@ -99,6 +123,13 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 32
   c.eval.step = -1               # checkpoint step to evaluate; -1 = latest
 
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "def "       # mode=sample: the text to continue
+  c.sample.max_bytes = 200       # bytes to generate
+  c.sample.temperature = 0.8     # 0 = greedy
+  c.sample.top_k = 0             # sample from the k likeliest bytes; 0 = all
+  c.sample.seed = 0
+
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = s["ckpt_every"]
   c.ckpt.keep = 3
@@ -106,4 +137,29 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # data-parallel axis size; -1 = all remaining devices
   c.mesh.fsdp = 1                # parameter-sharding axis size
+  return c
+
+
+def max_patches(seq_len: int, expected_patch_size: float, slack: float = 1.5) -> int:
+  """Patch slots per window: the expected count with slack; surplus patches fold."""
+  return min(seq_len, int(math.ceil(slack * seq_len / expected_patch_size)))
+
+
+def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
+               patch_size: int = 4, expected_patch_size: float | None = None):
+  """A BLT run with the given patching rule (global entropy patching by default)."""
+  c = base_config(arg)
+  size = c.size
+  c.model = ml_collections.ConfigDict(dict(kind="blt", **BLT[size]))
+  c.model.pooling = "max"
+  c.model.hash_ngrams = (3, 4, 5, 6, 7, 8)
+  c.model.mlp_ratio = 4.0
+  c.model.rope_theta = 10000.0
+  c.model.dtype = "bfloat16" if size == "gpu" else "float32"
+  expected = expected_patch_size or target_patch_size or patch_size
+  c.model.max_patches = max_patches(c.data.seq_len, expected)
+  c.patching.mode = mode
+  c.patching.target_patch_size = float(target_patch_size)
+  c.patching.patch_size = patch_size
+  c.patching.entropy_config = f"configs/entropy_patcher.py:size={size}"
   return c

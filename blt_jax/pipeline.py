@@ -1,0 +1,192 @@
+"""The BLT job around the train loop: find or train the entropy model, score the corpus
+once (cached), calibrate the threshold on training data only, and patch every batch."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from blt_jax import api, checkpoint, data, entropy, patching
+from blt_jax.errors import UserError
+
+ENTROPY_MODES = ("global", "monotonic")
+CALIBRATION_BYTES = 1 << 21  # training bytes the threshold is calibrated on
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py:size=tiny' -> the ConfigDict its get_config builds."""
+  path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    raise UserError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    return module.get_config(arg or None)
+  except ValueError as e:
+    raise UserError(f"{spec}: {e}")
+
+
+def default_workdir(config_spec: str, size: str) -> str:
+  name = Path(config_spec.split(":")[0]).stem
+  return f"runs/{name}" if size == "small" else f"runs/{name}_{size}"
+
+
+def entropy_model(config: ml_collections.ConfigDict, progress: bool = True) -> api.LanguageModel:
+  """The run's entropy model: reused from its workdir when trained, else trained now.
+
+  Resolves `patching.entropy_workdir` to an absolute path in `config`.
+  """
+  from blt_jax import train as train_lib
+  p = config.patching
+  spec = p.entropy_config or f"configs/entropy_patcher.py:size={config.size}"
+  ecfg = load_config_file(spec)
+  ecfg.data.corpus = config.data.corpus
+  ecfg.data.cache_dir = config.data.cache_dir
+  workdir = p.entropy_workdir
+  if not workdir:
+    workdir = default_workdir(spec, ecfg.size)
+    if config.data.corpus != "stdlib":  # one entropy model per corpus
+      workdir += "-" + hashlib.blake2b(config.data.corpus.encode(), digest_size=4).hexdigest()
+  workdir = Path(workdir).absolute()
+  done = checkpoint.Checkpointer(workdir).latest_step() if workdir.exists() else None
+  if done is None or done < ecfg.train.steps:
+    print(f"training the entropy model in {workdir} ({spec})")
+    train_lib.train(ecfg, workdir, progress=progress)
+  p.entropy_workdir = str(workdir)
+  return api.load(workdir)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "patch_size", "max_patch_len",
+                                              "max_patches"))
+def _lengths(h_BxT, bytes_BxT, valid_BxT, *, mode, threshold, patch_size, max_patch_len,
+             max_patches):
+  starts_BxT = patching.patch_starts(h_BxT, mode=mode, threshold=threshold,
+                                     patch_size=patch_size, data=bytes_BxT,
+                                     max_patch_len=max_patch_len or None)
+  starts_BxT = starts_BxT & valid_BxT  # padding joins the last real patch
+  return patching.patch_lengths(starts_BxT, max_patches), jnp.sum(starts_BxT, axis=-1)
+
+
+class Patcher:
+  """Adds `patch_lengths` [B, P] to batches, from entropies aligned with corpus bytes."""
+
+  def __init__(self, p: ml_collections.ConfigDict, max_patches: int,
+               entropies: np.ndarray | None = None, lm: api.LanguageModel | None = None):
+    self.mode, self.max_patches = p.mode, max_patches
+    self.threshold = float(p.threshold)
+    self.patch_size, self.max_patch_len = int(p.patch_size), int(p.max_patch_len)
+    self.entropies, self.lm = entropies, lm
+
+  def lengths(self, h_BxT, targets_BxT, mask_BxT):
+    """(patch lengths int32 [B, P], patch starts per window int32 [B]) as numpy."""
+    lengths, n_starts = _lengths(
+        jnp.asarray(h_BxT, jnp.float32), jnp.asarray(targets_BxT, jnp.uint8),
+        jnp.asarray(mask_BxT > 0), mode=self.mode, threshold=self.threshold,
+        patch_size=self.patch_size, max_patch_len=self.max_patch_len,
+        max_patches=self.max_patches)
+    return np.asarray(lengths), np.asarray(n_starts)
+
+  def window_entropies(self, batch):
+    T = batch["targets"].shape[1]
+    if self.mode not in ENTROPY_MODES:
+      return np.zeros(batch["targets"].shape, np.float32)
+    idx_BxT = batch["start"][:, None] + np.arange(T)
+    h_BxT = self.entropies[np.minimum(idx_BxT, len(self.entropies) - 1)]
+    return np.where(batch["mask"] > 0, h_BxT, 0.0).astype(np.float32)
+
+  def __call__(self, batch: dict) -> dict:
+    lengths, _ = self.lengths(self.window_entropies(batch), batch["targets"], batch["mask"])
+    return {**batch, "patch_lengths": lengths}
+
+  def for_document(self, raw: bytes, windows: dict) -> dict:
+    """Patches the windows of one byte string, scoring its entropies as the cache would."""
+    h = np.zeros(windows["targets"].size, np.float32)
+    if self.mode in ENTROPY_MODES:
+      h[:len(raw)] = entropy.document_entropies(self.lm, raw)
+    lengths, _ = self.lengths(h.reshape(windows["targets"].shape), windows["targets"],
+                              windows["mask"])
+    return {**windows, "patch_lengths": lengths}
+
+
+def calibrate(config, splits, h_all: np.ndarray) -> float:
+  """The threshold giving the target mean patch size on full training windows."""
+  T = config.data.seq_len
+  table = data.window_table(splits.corpus, splits.train_ids, T)
+  table = table[table[:, 1] == T]
+  table = table[np.random.default_rng(config.train.seed).permutation(len(table))]
+  table = table[:max(1, CALIBRATION_BYTES // T)]
+  h_NxT = np.asarray(h_all[table[:, :1] + np.arange(T)], np.float32)
+  try:
+    return patching.calibrate_threshold(
+        h_NxT, target_patch_size=config.patching.target_patch_size,
+        mode=config.patching.mode, max_patch_len=config.patching.max_patch_len or None)
+  except ValueError as e:
+    raise UserError(f"threshold calibration: {e}")
+
+
+def prepare(config: ml_collections.ConfigDict, splits, workdir=None, progress: bool = True):
+  """(train transform, eval transform) for a patched run; resolves patching fields.
+
+  A run that resumes keeps the threshold its checkpoints were trained with.
+  """
+  p = config.patching
+  if workdir is not None and Path(workdir).is_dir() and p.threshold < 0:
+    if checkpoint.Checkpointer(workdir).latest_step() is not None:
+      saved, _ = checkpoint.read_config(workdir)
+      if saved["patching"]["mode"] == p.mode:
+        p.threshold = saved["patching"]["threshold"]
+  if p.mode == "none":
+    return None, None
+  lm = corpus_h = eval_h = None
+  if p.mode in ENTROPY_MODES:
+    lm = entropy_model(config, progress)
+    corpus_h = entropy.corpus_entropies(lm, splits.corpus, config.data.cache_dir, progress)
+    eval_h = (corpus_h if splits.eval_corpus is splits.corpus else
+              entropy.corpus_entropies(lm, splits.eval_corpus, config.data.cache_dir, progress))
+    if p.threshold < 0:
+      if p.target_patch_size <= 0:
+        raise UserError(f"patching.mode={p.mode} needs patching.threshold >= 0 or "
+                        "patching.target_patch_size > 0")
+      p.threshold = calibrate(config, splits, corpus_h)
+      print(f"calibrated threshold {p.threshold:.4f} nats for mean patch size "
+            f"{p.target_patch_size} on training data")
+  elif p.mode not in ("static", "space"):
+    raise UserError(f"unknown patching.mode {p.mode!r} (none, global, monotonic, static, space)")
+  P = config.model.max_patches
+  return Patcher(p, P, corpus_h, lm), Patcher(p, P, eval_h, lm)
+
+
+def patch_stats(patcher: Patcher, batches) -> dict:
+  """Mean patch size over real bytes, and the share of windows whose patches overflowed."""
+  n_bytes = n_patches = n_windows = n_folded = 0
+  for batch in batches:
+    h = patcher.window_entropies(batch)
+    _, n_starts = patcher.lengths(h, batch["targets"], batch["mask"])
+    real = batch["mask"].sum(1) > 0
+    n_bytes += batch["mask"].sum()
+    n_patches += n_starts[real].sum()
+    n_windows += real.sum()
+    n_folded += (n_starts[real] > patcher.max_patches).sum()
+  return {"mean_patch_size": float(n_bytes / max(n_patches, 1)),
+          "folded_windows": float(n_folded / max(n_windows, 1))}
+
+
+def load_patcher(config: ml_collections.ConfigDict) -> Patcher | None:
+  """The patcher of a trained run, for `blt_jax.load` (None for byte models)."""
+  p = config.patching
+  if p.mode == "none":
+    return None
+  lm = api.load(p.entropy_workdir) if p.mode in ENTROPY_MODES else None
+  return Patcher(p, config.model.max_patches, None, lm)
+
+
+def save_summary(workdir: Path, summary: dict):
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,0 +1,57 @@
+"""Figures: per-byte entropy with the threshold and patch boundaries; patch-length
+histograms; sweep curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _label(byte: int) -> str:
+  ch = chr(byte)
+  return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(ch, ch if 32 < byte < 127 else f"{byte:02x}")
+
+
+def entropy_figure(raw: bytes, h: np.ndarray | None, starts: np.ndarray, path: str | Path, *,
+                   threshold: float | None = None, title: str = ""):
+  """The BLT paper's figure: entropy per byte, the threshold, and where patches start;
+  with a histogram of patch lengths beside it."""
+  n = len(raw)
+  lengths = np.diff(np.append(np.flatnonzero(starts), n))
+  fig, (ax, hist) = plt.subplots(1, 2, figsize=(max(8.0, min(40.0, n * 0.16)) + 3, 3.6),
+                                 gridspec_kw={"width_ratios": [max(4, min(36, n * 0.14)), 3]})
+  x = np.arange(n)
+  if h is not None:
+    ax.plot(x, h, "-o", ms=2.5, lw=1, color="tab:blue", label="entropy (nats)")
+  if threshold is not None:
+    ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+  for s in np.flatnonzero(starts):
+    ax.axvline(s - 0.5, color="0.6", lw=0.8)
+  if n <= 300:
+    ax.set_xticks(x)
+    ax.set_xticklabels([_label(b) for b in raw], fontsize=7, family="monospace")
+  ax.set_xlim(-1, n)
+  ax.set_ylabel("entropy (nats)" if h is not None else "")
+  ax.set_title(title or f"{len(lengths)} patches, mean size {n / max(len(lengths), 1):.2f}")
+  if h is not None or threshold is not None:
+    ax.legend(loc="upper right", fontsize=7)
+  hist.hist(lengths, bins=np.arange(0.5, lengths.max() + 1.5), color="tab:green")
+  hist.set_xlabel("patch length (bytes)")
+  hist.set_ylabel("patches")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def marked_text(raw: bytes, starts: np.ndarray, mark: str = "|") -> str:
+  """The text with `mark` before every patch but the first."""
+  out = []
+  for i, b in enumerate(raw):
+    if starts[i] and i:
+      out.append(mark.encode())
+    out.append(bytes([b]))
+  return b"".join(out).decode("utf-8", errors="replace")

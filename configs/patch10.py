@@ -1,0 +1,6 @@
+"""BLT with entropy patching, threshold calibrated to a mean patch size of 10 bytes."""
+from configs import common
+
+
+def get_config(arg=None):
+  return common.blt_config(arg, mode="global", target_patch_size=10.0)
