@@ -22,7 +22,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir, step: int | None =
   _, state = nnx.split((model, optimizer))
   ckpt = checkpoint.Checkpointer(workdir)
   try:
-    restored, _ = ckpt.restore(step, checkpoint.abstract(state.to_pure_dict()))
+    restored, _ = ckpt.restore(step, checkpoint.abstract(nnx.to_pure_dict(state)))
   finally:
     ckpt.close()
   nnx.replace_by_pure_dict(state, restored)

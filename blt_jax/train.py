@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   if start:
     saved, _ = checkpoint.read_config(workdir, start)
     check_same_model(saved, config, workdir)
-    restored, _ = ckpt.restore(start, checkpoint.abstract(state.to_pure_dict()),
+    restored, _ = ckpt.restore(start, checkpoint.abstract(nnx.to_pure_dict(state)),
                                data_iter=train_iter)
     nnx.replace_by_pure_dict(state, restored)
 
@@ -194,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                         bytes_s=f"{row['bytes_per_s']:.0f}")
         pending, t_log = [], time.perf_counter()
       if step == last or ckpt.is_due(step):
-        ckpt.save(step, state.to_pure_dict(), config=config_dict, data_iter=train_iter)
+        ckpt.save(step, nnx.to_pure_dict(state), config=config_dict, data_iter=train_iter)
   finally:
     bar.close()
     metrics_file.close()
