@@ -25,13 +25,9 @@ def model_summary(config, model, mean_patch_size: float | None = None) -> dict:
   """Parameters (with and without hash tables) and analytic training FLOPs per byte."""
   from blt_jax.models import blt, flops
   counts = blt.param_counts(model)
-  T = config.data.seq_len
-  if config.model.kind == "blt":
-    fpb = flops.blt_flops_per_byte(model.cfg, T, mean_patch_size)
-  else:
-    fpb = flops.byte_lm_flops_per_byte(model.cfg, T)
   return {"params": counts["total"], "params_without_hash": counts["without_hash"],
-          "train_flops_per_byte": fpb}
+          "train_flops_per_byte": flops.flops_per_byte(model.cfg, config.data.seq_len,
+                                                       mean_patch_size)}
 
 
 def train(config, workdir: Path):
