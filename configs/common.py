@@ -163,6 +163,8 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
   c.patching.patch_size = patch_size
   c.patching.entropy_config = f"configs/entropy_patcher.py:size={size}"
   c.train.steps = {"tiny": 40, "small": 400, "gpu": 20000}[size]  # small: < 15 min on 2 cores
+  if size == "gpu":
+    c.train.batch_size = 32  # dense masked local attention keeps [B, H, T, T] scores per layer
   c.eval.every_steps = {"tiny": 0, "small": 200, "gpu": 2000}[size]
   c.ckpt.every_steps = {"tiny": 20, "small": 200, "gpu": 2000}[size]
   return c
