@@ -15,19 +15,20 @@ from blt_jax.evaluate import apply
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir, step: int | None = None):
-  """Builds the model `config` describes and loads its parameters from `workdir`."""
+  """Builds the model `config` describes and loads its parameters from `workdir`:
+  (model, the step restored; the latest readable one when `step` is None)."""
   from blt_jax import train  # train imports this module's neighbours; keep import light
   model = train.build_model(config)
   optimizer = nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
   _, state = nnx.split((model, optimizer))
   ckpt = checkpoint.Checkpointer(workdir)
   try:
-    restored, _ = ckpt.restore(step, checkpoint.abstract(nnx.to_pure_dict(state)))
+    restored, _, step = ckpt.restore(step, checkpoint.abstract(nnx.to_pure_dict(state)))
   finally:
     ckpt.close()
   nnx.replace_by_pure_dict(state, restored)
   nnx.update((model, optimizer), state)
-  return model
+  return model, step
 
 
 class LanguageModel:
@@ -83,8 +84,8 @@ class LanguageModel:
 
 def load(workdir: str | Path, step: int | None = None) -> LanguageModel:
   """Restores a run's config and parameters (latest step by default)."""
-  saved, step = checkpoint.read_config(workdir, step)
+  saved, _ = checkpoint.read_config(workdir, step)
   config = ml_collections.ConfigDict(saved)
+  model, step = restore_model(config, workdir, step)
   from blt_jax import pipeline  # the patcher needs this module's LanguageModel
-  return LanguageModel(restore_model(config, workdir, step), config, step,
-                       pipeline.load_patcher(config))
+  return LanguageModel(model, config, step, pipeline.load_patcher(config))

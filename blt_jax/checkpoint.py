@@ -3,6 +3,7 @@ resolved config. The only module that touches orbax."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import grain
@@ -44,19 +45,53 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int | None, abstract_state, *, data_iter=None):
-    """Restores (state, config) at `step` (None = latest), and the iterator in place."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {self.directory.parent}")
-    if step not in self.manager.all_steps():
-      raise UserError(f"no checkpoint at step {step} in {self.directory.parent} "
-                      f"(have {self.all_steps()})")
-    items = {"state": ocp.args.StandardRestore(abstract_state),
-             "config": ocp.args.JsonRestore()}
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], restored["config"]
+    """Restores (state, config, step) at `step`, and the data iterator in place.
+
+    With `step=None`, the latest readable step: a damaged or partial checkpoint is moved
+    aside (to `damaged-<step>`) with a warning, and the previous one is tried.
+    """
+    def read(s):
+      items = {"state": ocp.args.StandardRestore(abstract_state),
+               "config": ocp.args.JsonRestore()}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+      return restored["state"], restored["config"], s
+    return self._first_readable(step, read)
+
+  def read_config(self, step: int | None = None) -> tuple[dict, int]:
+    """The config saved with a checkpoint (latest readable by default), and its step."""
+    def read(s):
+      restored = self.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return restored["config"], s
+    return self._first_readable(step, read)
+
+  def _first_readable(self, step: int | None, read):
+    if step is not None:
+      if step not in self.all_steps():
+        raise UserError(f"no checkpoint at step {step} in {self.directory.parent} "
+                        f"(have {self.all_steps() or 'none'})")
+      try:
+        return read(step)
+      except Exception as e:  # damaged: orbax, tensorstore and json errors alike
+        raise UserError(f"checkpoint at step {step} in {self.directory.parent} is damaged: "
+                        f"{_first_line(e)}")
+    damaged = []
+    for s in sorted(self.all_steps(), reverse=True):
+      try:
+        return read(s)
+      except Exception as e:
+        damaged.append(s)
+        aside = self.directory / f"damaged-{s}"
+        (self.directory / str(s)).rename(aside)
+        self.manager.reload()
+        print(f"warning: checkpoint at step {s} is damaged ({_first_line(e)}); moved aside "
+              f"to {aside.name}, trying the previous one", file=sys.stderr)
+    if damaged:
+      raise UserError(f"no readable checkpoint in {self.directory.parent} (damaged: steps "
+                      f"{', '.join(map(str, damaged))})")
+    raise UserError(f"no checkpoint in {self.directory.parent} (train first, or check "
+                    "--workdir)")
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -67,14 +102,19 @@ class Checkpointer:
 
 
 def read_config(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
-  """The config saved with a checkpoint (latest by default), and its step."""
+  """The config saved with a checkpoint (latest readable by default), and its step."""
+  if not Path(workdir).is_dir():
+    raise UserError(f"no checkpoint in {workdir} (train first, or check --workdir)")
   ckpt = Checkpointer(workdir)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"no checkpoint in {Path(workdir)} (train first, or check --workdir)")
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  ckpt.close()
-  return restored["config"], step
+  try:
+    return ckpt.read_config(step)
+  finally:
+    ckpt.close()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:200]
 
 
 def abstract(tree):

@@ -69,9 +69,10 @@ def evaluate(config, workdir: Path):
   from blt_jax.evaluate import Evaluator
   from flax import nnx
   step = None if config.eval.step < 0 else config.eval.step
-  saved, step = checkpoint.read_config(workdir, step)
+  saved, _ = checkpoint.read_config(workdir, step)
   train_lib.check_same_model(saved, config, workdir)
   lm = api.load(workdir, step)
+  step = lm.step
   config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),
                                       "data": {**lm.config.data.to_dict(),
                                                "cache_dir": config.data.cache_dir}})

@@ -144,12 +144,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
                                  every_steps=config.ckpt.every_steps)
   config_dict = config.to_dict()
-  start = ckpt.latest_step() or 0
-  if start:
-    saved, _ = checkpoint.read_config(workdir, start)
+  start = 0
+  if ckpt.latest_step() is not None:
+    saved, _ = ckpt.read_config()
     check_same_model(saved, config, workdir)
-    restored, _ = ckpt.restore(start, checkpoint.abstract(nnx.to_pure_dict(state)),
-                               data_iter=train_iter)
+    restored, _, start = ckpt.restore(None, checkpoint.abstract(nnx.to_pure_dict(state)),
+                                      data_iter=train_iter)
     nnx.replace_by_pure_dict(state, restored)
 
   step_fn = make_train_step(graphdef)
@@ -161,7 +161,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                      progress=progress)
 
   metrics_file = open(workdir / "metrics.jsonl", "a")
-  pending, t_log, bytes_log = [], time.perf_counter(), 0.0
+  pending, t_log = [], time.perf_counter()
+
+  def check_finite(step):
+    """Stops at the first non-finite metric since the last check, naming its step."""
+    for offset, h in enumerate(jax.device_get(pending)):
+      for key in ("loss", "grad_norm"):
+        if not math.isfinite(float(h[key])):
+          raise Diverged(f"training diverged at step {step - len(pending) + 1 + offset}: "
+                         f"{key} is {float(h[key])} (last good checkpoint: step "
+                         f"{ckpt.latest_step()}; lower train.lr or check the data)")
+
   last = min(t.steps, t.stop_at) if t.stop_at > 0 else t.steps
   bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not progress,
              dynamic_ncols=True, unit="step")
@@ -171,6 +181,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
       state, m = step_fn(state, to_device(batch))
       pending.append(m)
       bar.update(1)
+      due = step == last or ckpt.is_due(step)
+      if step % t.log_every == 0 or due:
+        check_finite(step)  # never log or save a diverged state
       if step % t.log_every == 0 or step == last:
         host = jax.device_get(pending)
         now = time.perf_counter()
@@ -181,10 +194,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                "grad_norm": float(np.mean([h["grad_norm"] for h in host])),
                "bytes_per_s": n_bytes / (now - t_log)}
         row["bpb"] = row["loss"] / math.log(2)
-        bad = [k for k in ("loss", "grad_norm") if not math.isfinite(row[k])]
-        if bad:
-          raise Diverged(f"training diverged at step {step}: {bad[0]} is {row[bad[0]]} "
-                         f"(last good checkpoint: step {ckpt.latest_step()})")
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           row.update({f"eval_{k}": v for k, v in
                       held_out(config.eval.train_max_bytes, "held-out").items()})
@@ -193,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
         bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}",
                         bytes_s=f"{row['bytes_per_s']:.0f}")
         pending, t_log = [], time.perf_counter()
-      if step == last or ckpt.is_due(step):
+      if due:
         ckpt.save(step, nnx.to_pure_dict(state), config=config_dict, data_iter=train_iter)
   finally:
     bar.close()

@@ -1,0 +1,105 @@
+"""Losing nothing: kill -9 and resume, damaged checkpoints, divergence, atomic caches."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import blt_jax
+from blt_jax import data
+from tests.conftest import ROOT, launch
+
+TINY = ["--config=configs/entropy_model.py:size=tiny", "--config.train.steps=30",
+        "--config.ckpt.every_steps=5", "--config.eval.max_bytes=512"]
+
+
+def params(workdir):
+  return jax.tree.leaves(jax.tree.map(np.asarray, blt_jax.load(workdir)._state))
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("unbroken") / "run"
+  assert launch(*TINY, f"--workdir={workdir}").returncode == 0
+  return workdir
+
+
+def test_kill_9_then_rerun_ends_bit_identical(unbroken, tmp_path):
+  workdir = tmp_path / "killed"
+  for delay in (4.0, 6.0, 7.5):  # kills land while compiling, training or saving
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *TINY,
+                             f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if delay == 4.0:  # the first kill cut the run short: there is work left to resume
+      assert not (workdir / "eval.json").exists()
+  result = launch(*TINY, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert blt_jax.load(workdir).step == 30
+  for a, b in zip(params(unbroken), params(workdir)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_damaged_latest_checkpoint_falls_back(unbroken, tmp_path):
+  workdir = tmp_path / "run"
+  subprocess.run(["cp", "-r", str(unbroken), str(workdir)], check=True)
+  for f in (workdir / "checkpoints" / "30" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:10])  # truncated
+  result = launch(*TINY, f"--workdir={workdir}", "--config.mode=eval")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "checkpoint at step 30 is damaged" in result.stderr
+  assert "step 25" in result.stdout
+  assert (workdir / "checkpoints" / "damaged-30").is_dir()  # kept aside, not deleted
+  for step in ("25", "20", "15"):
+    subprocess.run(["rm", "-rf", str(workdir / "checkpoints" / step / "state")], check=True)
+  result = launch(*TINY, f"--workdir={workdir}", "--config.mode=eval")
+  assert result.returncode == 2
+  assert "error: no readable checkpoint" in result.stderr.strip().splitlines()[-1]
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  assert launch(*TINY, "--config.train.stop_at=10", f"--workdir={workdir}").returncode == 0
+  result = launch(*TINY, f"--workdir={workdir}", "--config.train.lr=1e30")
+  assert result.returncode == 2
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: training diverged at step 1") and "is nan" in line
+  assert "last good checkpoint: step 10" in line
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "5"]
+  assert np.isfinite(np.concatenate([p.ravel() for p in params(workdir)])).all()
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  (tmp_path / "file").write_text("x")
+  result = launch(*TINY, f"--workdir={tmp_path / 'file'}")
+  assert result.returncode == 2 and "not a directory" in result.stderr
+
+
+def test_interrupted_corpus_build_leaves_nothing_trusted(tmp_path, monkeypatch):
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.txt").write_text("some text " * 50)
+  real_save = np.save
+  calls = []
+
+  def failing_save(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # as if killed between the two arrays
+    return real_save(*args, **kwargs)
+  monkeypatch.setattr(np, "save", failing_save)
+  with pytest.raises(KeyboardInterrupt):
+    data.prepare(str(tmp_path / "c"))
+  monkeypatch.setattr(np, "save", real_save)
+  corpora = data.cache_root() / "corpora"
+  assert not any(".tmp-" in p.name for p in corpora.iterdir())
+  corpus = data.prepare(str(tmp_path / "c"))
+  assert corpus.doc(0) == b"some text " * 50
