@@ -16,6 +16,22 @@ from blt_jax.errors import UserError
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _quiet_closed_loop_noise():
+  """A failed tensorstore read reports 'Event loop is closed' from its callbacks through
+  sys.unraisablehook; once we say in one line that the checkpoint is damaged, that is
+  noise. Other unraisable errors are reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "blt_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and
+            "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+  hook.blt_jax_quiet = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves every `every_steps` (and on demand), keeps the last `keep` steps."""
 
@@ -67,6 +83,7 @@ class Checkpointer:
     return self._first_readable(step, read)
 
   def _first_readable(self, step: int | None, read):
+    _quiet_closed_loop_noise()
     if step is not None:
       if step not in self.all_steps():
         raise UserError(f"no checkpoint at step {step} in {self.directory.parent} "

@@ -18,6 +18,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"workdir {workdir} exists and is not a directory")
+  if config.mode in ("train", "patch"):
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / ".write-test").touch()
+      (workdir / ".write-test").unlink()
+    except OSError as e:
+      raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}")
   handlers[config.mode](config, workdir)
 
 
@@ -96,6 +103,8 @@ def evaluate(config, workdir: Path):
 def sample(config, workdir: Path):
   from blt_jax import api, sample as sample_lib
   s = config.sample
+  if s.max_bytes < 1:
+    raise UserError(f"sample.max_bytes must be >= 1, got {s.max_bytes}")
   lm = api.load(workdir, None if config.eval.step < 0 else config.eval.step)
   prompt = s.prompt.encode("utf-8")
   out = sample_lib.generate(lm, prompt, max_bytes=s.max_bytes, temperature=s.temperature,

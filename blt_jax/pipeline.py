@@ -145,6 +145,9 @@ def prepare(config: ml_collections.ConfigDict, splits, workdir=None, progress: b
         p.threshold = saved["patching"]["threshold"]
   if p.mode == "none":
     return None, None
+  if p.mode in ENTROPY_MODES and p.threshold < 0 and p.target_patch_size <= 0:
+    raise UserError(f"patching.mode={p.mode} needs patching.threshold >= 0 or "
+                    "patching.target_patch_size > 0")
   lm = corpus_h = eval_h = None
   if p.mode in ENTROPY_MODES:
     lm = entropy_model(config, progress)
@@ -152,9 +155,6 @@ def prepare(config: ml_collections.ConfigDict, splits, workdir=None, progress: b
     eval_h = (corpus_h if splits.eval_corpus is splits.corpus else
               entropy.corpus_entropies(lm, splits.eval_corpus, config.data.cache_dir, progress))
     if p.threshold < 0:
-      if p.target_patch_size <= 0:
-        raise UserError(f"patching.mode={p.mode} needs patching.threshold >= 0 or "
-                        "patching.target_patch_size > 0")
       p.threshold = calibrate(config, splits, corpus_h)
       print(f"calibrated threshold {p.threshold:.4f} nats for mean patch size "
             f"{p.target_patch_size} on training data")

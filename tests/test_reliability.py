@@ -59,11 +59,13 @@ def test_damaged_latest_checkpoint_falls_back(unbroken, tmp_path):
   assert "checkpoint at step 30 is damaged" in result.stderr
   assert "step 25" in result.stdout
   assert (workdir / "checkpoints" / "damaged-30").is_dir()  # kept aside, not deleted
-  for step in ("25", "20", "15"):
+  for step in ("25", "20"):  # ckpt.keep = 3: steps 20, 25, 30 were kept
     subprocess.run(["rm", "-rf", str(workdir / "checkpoints" / step / "state")], check=True)
   result = launch(*TINY, f"--workdir={workdir}", "--config.mode=eval")
-  assert result.returncode == 2
-  assert "error: no readable checkpoint" in result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: no readable checkpoint") and "25, 20" in lines[-1]
+  assert all(line.startswith("warning: checkpoint at step") for line in lines[:-1])
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -78,10 +80,37 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert np.isfinite(np.concatenate([p.ravel() for p in params(workdir)])).all()
 
 
-def test_workdir_that_is_a_file(tmp_path):
+BAD_INPUTS = [  # (extra arguments, what the one-line error says); README's table
+    (["--config.train.stepz=3"], "unknown config field 'stepz'"),
+    (["--config.train.steps=ten"], "invalid literal for int()"),
+    (["--config.data.corpus=/no/such/corpus"], "not found"),
+    (["--config.data.corpus={tmp}/empty"], "no text documents"),
+    (["--config.data.corpus={tmp}/binary"], "no text documents"),
+    (["--config.data.corpus={tmp}/short.txt"], "fewer than one window"),
+    (["--workdir={tmp}/file"], "not a directory"),
+    (["--workdir=/proc/blt_jax_run"], "cannot write to workdir"),
+    (["--workdir={tmp}/none", "--config.mode=eval"], "no checkpoint"),
+    (["--workdir={tmp}/none", "--config.mode=sample"], "no checkpoint"),
+    (["--config.mode=sample", "--config.sample.max_bytes=0"], "sample.max_bytes"),
+    (["--config.mode=patch"], "needs a patching config"),
+    (["--config.patching.mode=global"], "needs patching.threshold"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", BAD_INPUTS)
+def test_bad_inputs_end_in_one_line_and_status_2(extra, needle, tmp_path):
   (tmp_path / "file").write_text("x")
-  result = launch(*TINY, f"--workdir={tmp_path / 'file'}")
-  assert result.returncode == 2 and "not a directory" in result.stderr
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "binary").mkdir()
+  (tmp_path / "binary" / "blob.bin").write_bytes(bytes(range(256)) * 64)
+  (tmp_path / "short.txt").write_text("tiny")
+  args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  result = launch(*TINY, *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
 
 
 def test_interrupted_corpus_build_leaves_nothing_trusted(tmp_path, monkeypatch):
