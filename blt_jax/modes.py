@@ -105,6 +105,9 @@ def sample(config, workdir: Path):
   s = config.sample
   if s.max_bytes < 1:
     raise UserError(f"sample.max_bytes must be >= 1, got {s.max_bytes}")
+  if s.temperature < 0 or not 0 <= s.top_k <= 256:
+    raise UserError("sample.temperature must be >= 0 and sample.top_k in 0..256, got "
+                    f"{s.temperature} and {s.top_k}")
   lm = api.load(workdir, None if config.eval.step < 0 else config.eval.step)
   prompt = s.prompt.encode("utf-8")
   out = sample_lib.generate(lm, prompt, max_bytes=s.max_bytes, temperature=s.temperature,
