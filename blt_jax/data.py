@@ -232,14 +232,20 @@ def train_dataset(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_si
   return ds.to_iter_dataset()
 
 
-def eval_batches(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_size: int,
-                 max_bytes: int = 0, transform=None) -> Iterator[dict[str, np.ndarray]]:
-  """Every held-out window once (or a fixed random subset up to `max_bytes` real bytes);
-  the last batch is filled with fully masked windows, which count for nothing."""
+def eval_table(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, max_bytes: int = 0):
+  """The eval windows: all of them, or a fixed random subset of about `max_bytes` bytes."""
   table = window_table(corpus, doc_ids, seq_len)
   if max_bytes:
     table = table[np.random.default_rng(1234).permutation(len(table))]
     table = table[:max(1, int(np.searchsorted(np.cumsum(table[:, 1]), max_bytes)) + 1)]
+  return table
+
+
+def eval_batches(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_size: int,
+                 max_bytes: int = 0, transform=None) -> Iterator[dict[str, np.ndarray]]:
+  """Every eval window once (see `eval_table`), in fixed-size batches; the last batch is
+  filled with fully masked windows, which count for nothing."""
+  table = eval_table(corpus, doc_ids, seq_len, max_bytes)
   read = WindowReader(corpus.data, seq_len)
   for lo in range(0, len(table), batch_size):
     rows = list(table[lo:lo + batch_size])
@@ -247,11 +253,3 @@ def eval_batches(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_siz
     windows = [read(r) for r in rows]
     batch = {k: np.stack([w[k] for w in windows]) for k in windows[0]}
     yield transform(batch) if transform is not None else batch
-
-
-def num_windows(corpus: Corpus, doc_ids: np.ndarray, seq_len: int, max_bytes: int = 0) -> int:
-  table = window_table(corpus, doc_ids, seq_len)
-  if max_bytes:
-    lengths = table[np.random.default_rng(1234).permutation(len(table)), 1]
-    return min(len(table), int(np.searchsorted(np.cumsum(lengths), max_bytes)) + 1)
-  return len(table)

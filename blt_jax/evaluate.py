@@ -9,14 +9,6 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-MODEL_INPUTS = ("inputs", "patch_lengths")
-
-
-def model_inputs(batch):
-  """The arrays a model reads (targets and masks stay out of its sight)."""
-  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
-
-
 def apply(model, batch):
   return model(batch["inputs"], batch.get("patch_lengths"))
 

@@ -113,7 +113,8 @@ class Splits:
   def eval_batches(self, config, max_bytes: int, transform=None, on_device: bool = True):
     """(batches, number of batches) of the eval windows; numpy when not `on_device`."""
     kw = dict(seq_len=config.data.seq_len, max_bytes=max_bytes)
-    total = -(-data.num_windows(self.eval_corpus, self.eval_ids, **kw) // config.eval.batch_size)
+    total = -(-len(data.eval_table(self.eval_corpus, self.eval_ids, **kw))
+              // config.eval.batch_size)
     batches = data.eval_batches(self.eval_corpus, self.eval_ids,
                                 batch_size=config.eval.batch_size, transform=transform, **kw)
     return ((to_device(b) for b in batches) if on_device else batches), total
