@@ -87,6 +87,7 @@ BAD_INPUTS = [  # (extra arguments, what the one-line error says); README's tabl
     (["--config.data.corpus={tmp}/empty"], "no text documents"),
     (["--config.data.corpus={tmp}/binary"], "no text documents"),
     (["--config.data.corpus={tmp}/short.txt"], "fewer than one window"),
+    (["--config.data.eval_fraction=0.0"], "no held-out documents"),
     (["--workdir={tmp}/file"], "not a directory"),
     (["--workdir=/proc/blt_jax_run"], "cannot write to workdir"),
     (["--workdir={tmp}/none", "--config.mode=eval"], "no checkpoint"),
