@@ -32,8 +32,9 @@ def model_summary(config, model, mean_patch_size: float | None = None) -> dict:
   """Parameters (with and without hash tables) and analytic training FLOPs per byte."""
   from blt_jax.models import blt, flops
   counts = blt.param_counts(model)
+  shape = model.lm.cfg if hasattr(model, "lm") else model.cfg  # Qwen3 wraps its LM
   return {"params": counts["total"], "params_without_hash": counts["without_hash"],
-          "train_flops_per_byte": flops.flops_per_byte(model.cfg, config.data.seq_len,
+          "train_flops_per_byte": flops.flops_per_byte(shape, config.data.seq_len,
                                                        mean_patch_size)}
 
 

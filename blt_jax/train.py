@@ -37,7 +37,7 @@ def _muon_dims(params):
   """Muon for 2-D hidden matrices; embeddings and the output head stay with Adam."""
   def dims(path, leaf):
     names = {str(getattr(p, "key", p)) for p in path}
-    if leaf.ndim != 2 or names & {"embed", "embedding", "head", "hash_embeds"}:
+    if leaf.ndim != 2 or names & {"embed", "embedding", "head", "lm_head", "hash_embeds"}:
       return None
     return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
   return jax.tree_util.tree_map_with_path(dims, params)

@@ -11,10 +11,12 @@ from flax import nnx
 
 from blt_jax.models.blt import BLT, BLTConfig
 from blt_jax.models.byte_lm import BOS, ByteLM, ByteLMConfig
+from blt_jax.models.qwen3 import ByteQwen3, ByteQwen3Config
 
 KINDS = {
     "byte_lm": (ByteLMConfig, ByteLM),
     "blt": (BLTConfig, BLT),
+    "qwen3": (ByteQwen3Config, ByteQwen3),
 }
 
 

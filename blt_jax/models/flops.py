@@ -66,8 +66,19 @@ def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) 
   return 3.0 * (per_byte + per_patch / m)
 
 
+def qwen3_flops_per_byte(cfg, seq_len: int) -> float:
+  """Training FLOPs per byte of a byte-adapted Qwen3 (`Qwen3Config`, 256-way head)."""
+  q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+  d = cfg.hidden_size
+  block = 2 * (d * q + 2 * d * kv + q * d + 3 * d * cfg.intermediate_size)
+  block += 4 * q * mean_context(seq_len)
+  return 3.0 * (cfg.num_hidden_layers * block + 2 * d * VOCAB_OUT)
+
+
 def flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) -> float:
-  """Dispatches on the config: BLT configs have `global_dim`, byte LM configs do not."""
+  """Dispatches on the config: BLT (`global_dim`), Qwen3 (`num_key_value_heads`), byte LM."""
   if hasattr(cfg, "global_dim"):
     return blt_flops_per_byte(cfg, seq_len, mean_patch_size)
+  if hasattr(cfg, "num_key_value_heads"):
+    return qwen3_flops_per_byte(cfg, seq_len)
   return byte_lm_flops_per_byte(cfg, seq_len)
