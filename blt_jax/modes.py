@@ -1,4 +1,4 @@
-"""What each `config.mode` does: train, eval, patch, sample."""
+"""What each `config.mode` does: train, eval, patch, sample, sweep."""
 from __future__ import annotations
 
 import json
@@ -12,13 +12,14 @@ from blt_jax.errors import UserError
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  handlers = {"train": train, "eval": evaluate, "patch": patch, "sample": sample}
+  handlers = {"train": train, "eval": evaluate, "patch": patch, "sample": sample,
+              "sweep": sweep}
   if config.mode not in handlers:
     raise UserError(f"unknown mode {config.mode!r} (known: {', '.join(handlers)})")
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"workdir {workdir} exists and is not a directory")
-  if config.mode in ("train", "patch"):
+  if config.mode in ("train", "patch", "sweep"):
     try:
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / ".write-test").touch()
@@ -160,3 +161,9 @@ def patch(config, workdir: Path):
                                          if h is not None else ""))
   print("patch lengths: " + "  ".join(f"{k}:{c}" for k, c in enumerate(counts) if c))
   print(f"figure: {png}")
+
+
+def sweep(config, workdir: Path):
+  """Runs a sweep config's variants in turn, then writes its tables and plots."""
+  from blt_jax import experiments
+  experiments.run_sweep(config, workdir)

@@ -25,6 +25,7 @@ so lengths always sum to T.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,11 @@ def patch_ids(starts, max_patches: int | None = None):
   """int32 [..., T]: the patch (slot) of every byte; with `max_patches`, folded as
   `patch_lengths` folds, so slot k holds exactly lengths[..., k] bytes."""
   return _ids(jnp.asarray(starts, bool), max_patches)
+
+
+def max_patches(seq_len: int, expected_patch_size: float, slack: float = 1.5) -> int:
+  """Patch slots per window: the expected count with slack; surplus patches fold."""
+  return min(seq_len, int(math.ceil(slack * seq_len / expected_patch_size)))
 
 
 def mean_patch_size(starts) -> float:

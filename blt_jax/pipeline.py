@@ -42,15 +42,26 @@ def default_workdir(config_spec: str, size: str) -> str:
 def entropy_model(config: ml_collections.ConfigDict, progress: bool = True) -> api.LanguageModel:
   """The run's entropy model: reused from its workdir when trained, else trained now.
 
+  `patching.entropy_workdir` may name any trained next-byte model run (a byte LM, a
+  fine-tuned Qwen3, ...): its own saved config is used, and it is finished if it stopped
+  early. Otherwise `patching.entropy_config` is trained there (or in its default workdir).
   Resolves `patching.entropy_workdir` to an absolute path in `config`.
   """
   from blt_jax import train as train_lib
   p = config.patching
   spec = p.entropy_config or f"configs/entropy_patcher.py:size={config.size}"
-  ecfg = load_config_file(spec)
-  ecfg.data.corpus = config.data.corpus
-  ecfg.data.cache_dir = config.data.cache_dir
   workdir = p.entropy_workdir
+  if (workdir and Path(workdir).is_dir()
+      and checkpoint.Checkpointer(workdir).latest_step() is not None):
+    ecfg = ml_collections.ConfigDict(checkpoint.read_config(workdir)[0])
+    ecfg.train.stop_at = 0
+    if ecfg.patching.mode != "none":
+      raise UserError(f"patching.entropy_workdir {workdir} holds a patched model "
+                      f"({ecfg.model.kind}); an entropy model is a plain next-byte model")
+  else:
+    ecfg = load_config_file(spec)
+    ecfg.data.corpus = config.data.corpus
+    ecfg.data.cache_dir = config.data.cache_dir
   if not workdir:
     workdir = default_workdir(spec, ecfg.size)
     if config.data.corpus != "stdlib":  # one entropy model per corpus
@@ -116,20 +127,35 @@ class Patcher:
     return {**windows, "patch_lengths": lengths}
 
 
-def calibrate(config, splits, h_all: np.ndarray) -> float:
-  """The threshold giving the target mean patch size on full training windows."""
+def calibration_windows(config, splits) -> np.ndarray:
+  """int64 [N, T] corpus offsets of a fixed random sample of full training windows."""
   T = config.data.seq_len
   table = data.window_table(splits.corpus, splits.train_ids, T)
   table = table[table[:, 1] == T]
   table = table[np.random.default_rng(config.train.seed).permutation(len(table))]
-  table = table[:max(1, CALIBRATION_BYTES // T)]
-  h_NxT = np.asarray(h_all[table[:, :1] + np.arange(T)], np.float32)
+  return table[:max(1, CALIBRATION_BYTES // T), :1] + np.arange(T)
+
+
+def calibrate(config, splits, h_all: np.ndarray) -> float:
+  """The threshold giving the target mean patch size on full training windows."""
+  h_NxT = np.asarray(h_all[calibration_windows(config, splits)], np.float32)
   try:
     return patching.calibrate_threshold(
         h_NxT, target_patch_size=config.patching.target_patch_size,
         mode=config.patching.mode, max_patch_len=config.patching.max_patch_len or None)
   except ValueError as e:
     raise UserError(f"threshold calibration: {e}")
+
+
+def training_patch_size(config, splits, h_all: np.ndarray | None) -> float:
+  """Mean patch size of the run's patching rule on the calibration windows."""
+  p = config.patching
+  idx_NxT = calibration_windows(config, splits)
+  starts = patching.patch_starts(
+      None if h_all is None else np.asarray(h_all[idx_NxT], np.float32), mode=p.mode,
+      threshold=p.threshold if h_all is not None else None, patch_size=p.patch_size,
+      data=np.asarray(splits.corpus.data[idx_NxT]), max_patch_len=p.max_patch_len or None)
+  return patching.mean_patch_size(starts)
 
 
 def prepare(config: ml_collections.ConfigDict, splits, workdir=None, progress: bool = True):
@@ -160,6 +186,10 @@ def prepare(config: ml_collections.ConfigDict, splits, workdir=None, progress: b
             f"{p.target_patch_size} on training data")
   elif p.mode not in ("static", "space"):
     raise UserError(f"unknown patching.mode {p.mode!r} (none, global, monotonic, static, space)")
+  if config.model.max_patches <= 0:  # derived from the rule's mean patch size on training data
+    m = training_patch_size(config, splits, corpus_h)
+    config.model.max_patches = patching.max_patches(config.data.seq_len, m)
+    print(f"mean patch size {m:.2f} on training data: {config.model.max_patches} patch slots")
   P = config.model.max_patches
   return Patcher(p, P, corpus_h, lm), Patcher(p, P, eval_h, lm)
 

@@ -55,3 +55,59 @@ def marked_text(raw: bytes, starts: np.ndarray, mark: str = "|") -> str:
       out.append(mark.encode())
     out.append(bytes([b]))
   return b"".join(out).decode("utf-8", errors="replace")
+
+
+def boundaries_figure(raw: bytes, panels: list, path: str | Path):
+  """One row per patching rule over the same text: (label, entropies or None, starts,
+  threshold or None) -> the entropy curve, its threshold, and the patch starts."""
+  n = len(raw)
+  fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                           figsize=(max(8.0, min(40.0, n * 0.16)), 1.0 + 1.6 * len(panels)))
+  x = np.arange(n)
+  for ax, (label, h, starts, threshold) in zip(axes[:, 0], panels):
+    if h is not None:
+      ax.plot(x, h, "-o", ms=2, lw=1, color="tab:blue")
+    if threshold is not None:
+      ax.axhline(threshold, color="tab:red", ls="--", lw=1)
+    for s in np.flatnonzero(starts):
+      ax.axvline(s - 0.5, color="0.55", lw=0.8)
+    n_patches = int(np.sum(starts))
+    ax.set_title(f"{label}: {n_patches} patches, mean {n / max(n_patches, 1):.2f} bytes"
+                 + (f", threshold {threshold:.2f} nats" if threshold is not None else ""),
+                 fontsize=8, loc="left")
+    ax.set_ylabel("nats" if h is not None else "", fontsize=7)
+  ax = axes[-1, 0]
+  if n <= 300:
+    ax.set_xticks(x)
+    ax.set_xticklabels([_label(b) for b in raw], fontsize=7, family="monospace")
+  ax.set_xlim(-1, n)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def sweep_curve(table: list[dict], *, x: str, xlabel: str, path: str | Path, title: str,
+                x_scale: float = 1.0, connect: bool = True):
+  """Held-out bpb (± std over seeds) against a column, one colour (and line, when
+  `connect`) per series, each point labelled with its variant."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  series = {}
+  for row in table:
+    if x in row and "bpb" in row:
+      series.setdefault(row["series"], []).append(row)
+  for name, rows in series.items():
+    rows = sorted(rows, key=lambda r: r[x])
+    xs, ys = [r[x] * x_scale for r in rows], [r["bpb"] for r in rows]
+    ax.errorbar(xs, ys, yerr=[r.get("bpb_std", 0.0) for r in rows], marker="o", capsize=3,
+                lw=1.2, label=name, ls="-" if connect else "none")
+    for r in rows:
+      ax.annotate(r["variant"], (r[x] * x_scale, r["bpb"]), textcoords="offset points",
+                  xytext=(4, 4), fontsize=7)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("held-out bits per byte")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, title="patching")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -7,9 +7,11 @@ A config file's `get_config(arg)` takes an optional string such as `size=tiny`:
 """
 from __future__ import annotations
 
-import math
+import json
 
 import ml_collections
+
+from blt_jax.patching import max_patches
 
 SIZES = ("tiny", "small", "gpu")
 
@@ -140,11 +142,6 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   return c
 
 
-def max_patches(seq_len: int, expected_patch_size: float, slack: float = 1.5) -> int:
-  """Patch slots per window: the expected count with slack; surplus patches fold."""
-  return min(seq_len, int(math.ceil(slack * seq_len / expected_patch_size)))
-
-
 def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
                patch_size: int = 4, expected_patch_size: float | None = None):
   """A BLT run with the given patching rule (global entropy patching by default)."""
@@ -167,4 +164,36 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
     c.train.batch_size = 32  # dense masked local attention keeps [B, H, T, T] scores per layer
   c.eval.every_steps = {"tiny": 0, "small": 200, "gpu": 2000}[size]
   c.ckpt.every_steps = {"tiny": 20, "small": 200, "gpu": 2000}[size]
+  return c
+
+
+SAMPLE_TEXT = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+               "        a, b = b, a + b\n    return a\n")
+
+
+def sweep_config(arg: str | None, *, title: str, description: str, variants: dict):
+  """A sweep (mode `sweep`): `variants` maps a row name to (config file, {field: value}).
+
+  Every variant runs at the sweep's size; the sweep fields below apply to all of them.
+  """
+  size = parse_arg(arg)["size"]
+  c = ml_collections.ConfigDict()
+  c.mode = "sweep"
+  c.size = size
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.title = title
+  c.sweep.description = description
+  c.sweep.seeds = 1              # runs per variant with train.seed 0..seeds-1 (mean ± std)
+  c.sweep.steps = 0              # train.steps of every variant; 0 = each config's own
+  c.sweep.corpus = ""            # data.corpus of every variant; '' = each config's own
+  c.sweep.entropy_models = "default"  # comma-separated: 'default' (each config's own
+                                 # patcher) or workdirs of trained next-byte models (byte LM,
+                                 # fine-tuned Qwen3); entropy-patched variants run with each
+  c.sweep.only = ""              # comma-separated variant names to run; '' = all
+  c.sweep.sample_text = SAMPLE_TEXT  # the text of the patch-boundary figure
+  c.sweep.connect = True         # plots join each series' points (rows ordered along x)
+  c.sweep.variants = ml_collections.ConfigDict()
+  for rank, (name, (config_file, overrides)) in enumerate(variants.items()):
+    c.sweep.variants[name] = ml_collections.ConfigDict(dict(  # ConfigDict sorts keys
+        rank=rank, config=f"{config_file}:size={size}", overrides=json.dumps(overrides)))
   return c

@@ -1,7 +1,10 @@
 """BLT with space patching (SpaceByte / BLT rule): a patch starts after a run of
-non-alphanumeric bytes."""
+non-alphanumeric bytes. Patch slots are sized from the rule's mean patch size on the
+training data (about 8 bytes on Python source)."""
 from configs import common
 
 
 def get_config(arg=None):
-  return common.blt_config(arg, mode="space", expected_patch_size=3.0)
+  c = common.blt_config(arg, mode="space")
+  c.model.max_patches = 0  # derived from training data: space patching has no knob
+  return c

@@ -51,3 +51,24 @@ def tiny_run(tmp_path_factory, private_cache):
                   "--config.train.steps=60", "--config.ckpt.every_steps=30")
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir
+
+
+@pytest.fixture(scope="session")
+def blt_run(tmp_path_factory, private_cache):
+  """A tiny patch3 BLT run and its own tiny entropy model, trained once."""
+  root = tmp_path_factory.mktemp("blt")
+  result = launch("--config=configs/patch3.py:size=tiny", f"--workdir={root / 'patch3'}",
+                  f"--config.patching.entropy_workdir={root / 'entropy'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return root
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+  """150 documents of 3000 stdlib bytes (7 of them held out): a corpus scored in seconds."""
+  import os
+  src = b"".join(p.read_bytes() for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40])
+  root = tmp_path_factory.mktemp("small_corpus")
+  for i in range(150):
+    (root / f"doc{i:03d}.py").write_bytes(src[i * 3000:(i + 1) * 3000])
+  return root

@@ -15,16 +15,6 @@ TEXT = (b"import os\n\ndef walk(top):\n    for name in os.listdir(top):\n"
         b"        yield os.path.join(top, name)  # caf\xc3\xa9\n" * 3)
 
 
-@pytest.fixture(scope="session")
-def blt_run(tmp_path_factory, private_cache):
-  """A tiny patch3 BLT run and its own tiny entropy model, trained once."""
-  root = tmp_path_factory.mktemp("blt")
-  result = launch("--config=configs/patch3.py:size=tiny", f"--workdir={root / 'patch3'}",
-                  f"--config.patching.entropy_workdir={root / 'entropy'}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return root
-
-
 def test_run_writes_summary_with_calibrated_patches(blt_run):
   summary = json.loads((blt_run / "patch3" / "summary.json").read_text())
   assert abs(summary["mean_patch_size"] - 3.0) < 0.3  # calibrated on train, measured held-out

@@ -1,0 +1,275 @@
+"""Sweeps: run the variants of a sweep config in turn (resumable), then write
+results.csv / results.md and plots into the sweep's workdir.
+
+A sweep config (`configs/sweeps/*.py`, mode `sweep`) lists variants, each a config file
+with field overrides. Variant `name` at seed k trains in `<workdir>/<name>/seed<k>` with
+the ordinary BLT/byte-model job (`modes.train`), so every row is a normal run that can be
+evaluated, sampled or restored on its own. A finished run is not trained again.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from blt_jax.errors import UserError
+
+# (results key, table header, format) in table order; mean (± std over seeds) per variant.
+COLUMNS = (
+    ("bpb", "bpb", "{:.4f}"),
+    ("loss", "loss (nats)", "{:.4f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("mean_patch_size", "mean patch", "{:.2f}"),
+    ("folded_windows", "folded windows", "{:.1%}"),
+    ("threshold", "threshold (nats)", "{:.3f}"),
+    ("params", "params (M)", "{:.2f}"),
+    ("params_without_hash", "w/o hash (M)", "{:.2f}"),
+    ("train_flops_per_byte", "train MFLOP/byte", "{:.2f}"),
+    ("xla_train_flops_per_byte", "XLA MFLOP/byte", "{:.2f}"),
+    ("train_bytes_per_s", "bytes/s", "{:.0f}"),
+    ("wall_s", "wall (s)", "{:.0f}"),
+)
+SCALE = {"params": 1e-6, "params_without_hash": 1e-6, "train_flops_per_byte": 1e-6,
+         "xla_train_flops_per_byte": 1e-6}
+
+
+# ------------------------------------------------------------------------- variants
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value):
+  """config['a.b.c'] = value, for an existing field (a typo is an error, not a new field)."""
+  *path, leaf = dotted.split(".")
+  node = config
+  for part in path:
+    if part not in node:
+      raise UserError(f"sweep override {dotted!r}: no section {part!r}")
+    node = node[part]
+  if leaf not in node:
+    raise UserError(f"sweep override {dotted!r}: no field {leaf!r}")
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
+  """The runs of a sweep: [{name, config, overrides, seed, series}] in order."""
+  models = [m.strip() for m in sweep.entropy_models.split(",") if m.strip()] or ["default"]
+  only = {n.strip() for n in sweep.only.split(",") if n.strip()}
+  unknown = only - set(sweep.variants)
+  if unknown:
+    raise UserError(f"sweep.only names unknown variants {sorted(unknown)} "
+                    f"(known: {', '.join(sweep.variants)})")
+  if sweep.seeds < 1:
+    raise UserError(f"sweep.seeds must be >= 1, got {sweep.seeds}")
+  from blt_jax import pipeline
+  runs = []
+  for name, v in sorted(sweep.variants.items(), key=lambda item: item[1].rank):
+    if only and name not in only:
+      continue
+    overrides = json.loads(v.overrides)
+    probe = variant_config(sweep, dict(config=v.config, overrides=overrides, seed=0))
+    uses_entropy = probe.patching.mode in pipeline.ENTROPY_MODES
+    for model in (models if uses_entropy else ["default"]):
+      label = name if model == "default" or len(models) == 1 else f"{name}@{Path(model).name}"
+      extra = {} if model == "default" else {"patching.entropy_workdir": model}
+      series = probe.patching.mode + (f"@{Path(model).name}" if len(models) > 1 else "")
+      for seed in range(sweep.seeds):
+        runs.append(dict(name=label, config=v.config, overrides={**overrides, **extra},
+                         seed=seed, series=series))
+  return runs
+
+
+def variant_config(sweep: ml_collections.ConfigDict, run: dict) -> ml_collections.ConfigDict:
+  from blt_jax import pipeline
+  config = pipeline.load_config_file(run["config"])
+  for key, value in run["overrides"].items():
+    set_field(config, key, value)
+  config.train.seed = run["seed"]
+  if sweep.steps > 0:
+    config.train.steps = sweep.steps
+  if sweep.corpus:
+    config.data.corpus = sweep.corpus
+  return config
+
+
+# ------------------------------------------------------------------------- FLOPs
+
+def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
+  """XLA's HLO cost analysis of one whole train step (forward, backward, optimizer),
+  per byte position of the batch: the FLOPs executed, masked attention scores and every
+  patch slot included, unlike the analytic model FLOPs of `models.flops`."""
+  from flax import nnx
+  from blt_jax import train as train_lib
+
+  def init():
+    model = train_lib.build_model(config)
+    return model, nnx.Optimizer(model, train_lib.make_optimizer(config.train), wrt=nnx.Param)
+
+  graphdef, state = nnx.split(nnx.eval_shape(init))
+  B, T = config.train.batch_size, config.data.seq_len
+  batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
+           "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
+  if config.patching.mode != "none":
+    batch["patch_lengths"] = jax.ShapeDtypeStruct((B, config.model.max_patches), jnp.int32)
+  cost = train_lib.make_train_step(graphdef).lower(state, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / (B * T)
+
+
+# ------------------------------------------------------------------------- running
+
+def run_one(sweep, run: dict, workdir: Path) -> dict:
+  """Trains one variant at one seed unless finished; its summary plus the sweep fields."""
+  from blt_jax import checkpoint, modes
+  config = variant_config(sweep, run)
+  summary_file = workdir / "summary.json"
+  summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+  if summary.get("step", -1) >= config.train.steps:
+    print(f"{run['name']} seed {run['seed']}: finished, reusing {workdir}")
+  else:
+    print(f"\n=== {run['name']} seed {run['seed']} ({run['config']}) -> {workdir}")
+    modes.train(config, workdir)
+    summary = json.loads(summary_file.read_text())
+  if "xla_train_flops_per_byte" not in summary:
+    saved = ml_collections.ConfigDict(checkpoint.read_config(workdir)[0])  # resolved slots
+    summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(saved)
+    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+  return {"variant": run["name"], "seed": run["seed"], "series": run["series"],
+          "config": run["config"], "patching": config.patching.mode,
+          "target_patch_size": config.patching.target_patch_size,
+          "workdir": str(workdir), **summary}
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: Path):
+  """Runs every variant (skipping finished ones), then writes tables and plots."""
+  sweep = config.sweep
+  runs = expand(sweep)  # builds every variant's config: typos fail before any training
+  if not runs:
+    raise UserError("the sweep has no variants to run")
+  rows, failed = [], []
+  for run in runs:
+    try:
+      rows.append(run_one(sweep, run, workdir / run["name"] / f"seed{run['seed']}"))
+    except UserError as e:
+      print(f"{run['name']} seed {run['seed']} failed: {e}")
+      failed.append((run, str(e)))
+  table = aggregate(rows)
+  write_results(workdir, config, rows, table, failed)
+  print((workdir / "results.md").read_text())
+  if rows:
+    plot_results(workdir, sweep, table, rows)
+  if failed:
+    raise UserError(f"{len(failed)} of {len(runs)} runs failed "
+                    f"({', '.join(r['name'] for r, _ in failed)}); see {workdir}/results.md")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  """One row per variant: the mean of every column over seeds, `<key>_std`, `seeds`."""
+  table = {}
+  for row in rows:
+    table.setdefault(row["variant"], []).append(row)
+  out = []
+  for name, group in table.items():
+    agg = {k: group[0][k] for k in ("variant", "series", "config", "patching",
+                                    "target_patch_size")}
+    agg["seeds"] = len(group)
+    for key, _, _ in COLUMNS:
+      values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
+      if values:
+        agg[key] = float(np.mean(values))
+        agg[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    if "xla_train_flops_per_byte" in agg and agg.get("train_flops_per_byte"):
+      agg["xla_over_analytic"] = agg["xla_train_flops_per_byte"] / agg["train_flops_per_byte"]
+    out.append(agg)
+  return out
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+  if key not in row or not math.isfinite(row[key]):
+    return "-"
+  scale = SCALE.get(key, 1.0)
+  text = fmt.format(row[key] * scale)
+  if row["seeds"] > 1 and key in ("bpb", "loss", "accuracy", "mean_patch_size"):
+    text += " ± " + fmt.format(row[f"{key}_std"] * scale).lstrip("+")
+  return text
+
+
+def markdown_table(table: list[dict]) -> str:
+  heads = ["variant", "patching"] + [h for _, h, _ in COLUMNS] + ["XLA / analytic", "seeds"]
+  lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+  for row in table:
+    cells = [row["variant"], row["patching"]] + [_cell(row, k, f) for k, _, f in COLUMNS]
+    cells += [f"{row['xla_over_analytic']:.2f}" if "xla_over_analytic" in row else "-",
+              str(row["seeds"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_results(workdir: Path, config, rows, table, failed):
+  """results.csv (one row per variant), runs.csv (one per seed), results.md."""
+  keys = ["variant", "series", "patching", "target_patch_size", "seeds"]
+  keys += [k for k, _, _ in COLUMNS] + [f"{k}_std" for k, _, _ in COLUMNS]
+  keys += ["xla_over_analytic", "config"]
+  for name, items, cols in (("results.csv", table, keys),
+                            ("runs.csv", rows, ["variant", "seed", "workdir", "config"] +
+                             [k for k, _, _ in COLUMNS] + ["bytes", "step"])):
+    with open(workdir / name, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+      writer.writeheader()
+      writer.writerows(items)
+  sweep = config.sweep
+  text = [f"# {sweep.title}", "", sweep.description, "",
+          f"Size `{config.size}`; bpb, loss, accuracy and perplexity are per real byte of "
+          "held-out documents (never seen in training); mean patch size is measured on "
+          "those documents; train FLOPs are analytic model FLOPs per byte at that patch "
+          "size, XLA FLOPs are what one compiled train step executes per byte position "
+          "(masked attention scores and every patch slot included).", ""]
+  if table:
+    text += [markdown_table(table), ""]
+  for run, message in failed:
+    text.append(f"- **{run['name']} seed {run['seed']} failed**: {message}")
+  (workdir / "results.md").write_text("\n".join(text).rstrip() + "\n")
+
+
+# ------------------------------------------------------------------------- plots
+
+def plot_results(workdir: Path, sweep, table: list[dict], rows: list[dict]):
+  from blt_jax import plots
+  plots.sweep_curve(table, x="mean_patch_size", xlabel="mean patch size (bytes, held-out)",
+                    path=workdir / "bpb_vs_patch_size.png", title=sweep.title,
+                    connect=sweep.connect)
+  plots.sweep_curve(table, x="train_flops_per_byte", xlabel="training MFLOP per byte",
+                    path=workdir / "bpb_vs_flops.png", title=sweep.title, x_scale=1e-6,
+                    connect=sweep.connect)
+  boundaries_figure(workdir, sweep, rows)
+
+
+def boundaries_figure(workdir: Path, sweep, rows: list[dict]):
+  """The sample text's entropies with each patched variant's boundaries (seed 0)."""
+  from blt_jax import api, patching, plots
+  raw = sweep.sample_text.encode("utf-8")
+  panels, h_by_model = [], {}
+  for row in rows:
+    if row["seed"] != 0 or row["patching"] == "none":
+      continue
+    lm = api.load(row["workdir"])
+    p = lm.config.patching
+    h = None
+    if p.mode in patching.THRESHOLD_MODES:
+      if p.entropy_workdir not in h_by_model:
+        from blt_jax import entropy
+        h_by_model[p.entropy_workdir] = entropy.document_entropies(lm.patcher.lm, raw)
+      h = h_by_model[p.entropy_workdir]
+    starts = np.asarray(patching.patch_starts(
+        h, mode=p.mode, threshold=p.threshold if h is not None else None,
+        patch_size=p.patch_size, data=np.frombuffer(raw, np.uint8),
+        max_patch_len=p.max_patch_len or None))
+    panels.append((row["variant"], h, starts, p.threshold if h is not None else None))
+  if panels:
+    plots.boundaries_figure(raw, panels, workdir / "patches.png")

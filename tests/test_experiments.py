@@ -1,0 +1,137 @@
+"""Sweeps: the tiny patch-size sweep end to end, resuming, entropy models from other runs
+(a fine-tuned Qwen3), tables over seeds, and the FLOP cross-check against XLA."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from tests.conftest import launch, tiny_config
+
+PATCH_SIZES = ("patch3", "patch5", "patch7", "patch10", "patch12")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(blt_run):
+  """The tiny patch-size sweep, patching with the BLT tests' entropy model (scored once)."""
+  result = launch("--config=configs/sweeps/patch_size.py:size=tiny",
+                  f"--workdir={blt_run / 'ps'}",
+                  f"--config.sweep.entropy_models={blt_run / 'entropy'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return blt_run
+
+
+def test_patch_size_sweep_table(sweep_dir):
+  with open(sweep_dir / "ps" / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["variant"] for r in rows] == list(PATCH_SIZES)
+  for r in rows:
+    for key in ("bpb", "loss", "accuracy", "perplexity", "mean_patch_size", "params",
+                "params_without_hash", "train_flops_per_byte", "xla_train_flops_per_byte",
+                "wall_s", "train_bytes_per_s"):
+      assert math.isfinite(float(r[key])), (r["variant"], key, r[key])
+    assert 0 < float(r["bpb"]) < 8 and float(r["params_without_hash"]) < float(r["params"])
+  sizes = [float(r["mean_patch_size"]) for r in rows]  # held-out sizes follow the targets
+  assert sizes == sorted(sizes) and sizes[0] < 4 < 9 < sizes[-1]
+  flops = [float(r["train_flops_per_byte"]) for r in rows]
+  assert flops == sorted(flops, reverse=True)  # bigger patches: fewer global steps
+  table = (sweep_dir / "ps" / "results.md").read_text()
+  assert all(f"| {name} | global |" in table for name in PATCH_SIZES)
+  for png in ("bpb_vs_patch_size.png", "bpb_vs_flops.png", "patches.png"):
+    assert (sweep_dir / "ps" / png).stat().st_size > 5000
+  for name in PATCH_SIZES:  # every row is an ordinary run with its own eval and checkpoint
+    run = sweep_dir / "ps" / name / "seed0"
+    assert json.loads((run / "eval.json").read_text())["bpb"] == pytest.approx(
+        float(rows[PATCH_SIZES.index(name)]["bpb"]))
+
+
+def test_finished_sweep_is_not_retrained(sweep_dir):
+  before = (sweep_dir / "ps" / "patch3" / "seed0" / "metrics.jsonl").read_text()
+  result = launch("--config=configs/sweeps/patch_size.py:size=tiny",
+                  f"--workdir={sweep_dir / 'ps'}", "--config.sweep.only=patch3,patch12",
+                  f"--config.sweep.entropy_models={sweep_dir / 'entropy'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("finished, reusing") == 2
+  assert (sweep_dir / "ps" / "patch3" / "seed0" / "metrics.jsonl").read_text() == before
+  with open(sweep_dir / "ps" / "results.csv") as f:
+    assert [r["variant"] for r in csv.DictReader(f)] == ["patch3", "patch12"]
+
+
+def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):
+  """A fine-tuned Qwen3 run patches BLT, next to the default byte patcher."""
+  from tests.test_qwen3 import with_tokenizer
+  import blt_jax
+  qwen_dir, _ = with_tokenizer("qwen3_tiny", tmp_path)
+  qwen_run = tmp_path / "entropy_qwen3"
+  result = launch("--config=configs/entropy_qwen3.py:size=tiny", f"--workdir={qwen_run}",
+                  f"--config.model.path={qwen_dir}", "--config.train.steps=20",
+                  f"--config.data.corpus={small_corpus}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path / "sweep"
+  result = launch("--config=configs/sweeps/patch_size.py:size=tiny", f"--workdir={out}",
+                  "--config.sweep.only=patch3", "--config.sweep.steps=20",
+                  f"--config.sweep.corpus={small_corpus}",
+                  f"--config.sweep.entropy_models={tmp_path / 'entropy'},{qwen_run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / "results.csv") as f:
+    rows = {r["variant"]: r for r in csv.DictReader(f)}
+  assert set(rows) == {"patch3@entropy", "patch3@entropy_qwen3"}
+  assert rows["patch3@entropy_qwen3"]["series"] == "global@entropy_qwen3"
+  assert rows["patch3@entropy"]["threshold"] != rows["patch3@entropy_qwen3"]["threshold"]
+  lm = blt_jax.load(out / "patch3@entropy_qwen3" / "seed0")
+  assert lm.config.patching.entropy_workdir == str(qwen_run)
+  assert lm.patcher.lm.config.model.kind == "qwen3"
+  assert lm.next_byte_logprobs(b"def f(x):\n  return x\n").shape == (21, 256)
+
+
+def test_aggregate_over_seeds():
+  from blt_jax import experiments
+  rows = [dict(variant="a", series="global", config="c", patching="global",
+               target_patch_size=3.0, bpb=b, loss=b * 0.69, mean_patch_size=3.0)
+          for b in (2.0, 2.2, 2.4)]
+  (row,) = experiments.aggregate(rows)
+  assert row["seeds"] == 3 and row["bpb"] == pytest.approx(2.2)
+  assert row["bpb_std"] == pytest.approx(0.2)
+  assert "2.2000 ± 0.2000" in experiments.markdown_table([row])
+
+
+def test_every_sweep_config_expands():
+  import importlib
+  from blt_jax import experiments
+  from blt_jax.models import flops
+  expected = {"patch_size": 5, "threshold": 10, "scheme": 5, "architecture": 8}
+  for name, n in expected.items():
+    config = importlib.import_module(f"configs.sweeps.{name}").get_config("size=tiny")
+    runs = experiments.expand(config.sweep)
+    assert len(runs) == n and config.mode == "sweep"
+    configs = [experiments.variant_config(config.sweep, r) for r in runs]
+    assert all(c.size == "tiny" for c in configs)
+  scheme = importlib.import_module("configs.sweeps.scheme").get_config("size=small")
+  by_name = {r["name"]: experiments.variant_config(scheme.sweep, r)
+             for r in experiments.expand(scheme.sweep)}
+  from blt_jax import train
+  static = train.build_model(by_name["static8"]).cfg
+  byte = train.build_model(by_name["byte_transformer"]).cfg
+  ratio = flops.flops_per_byte(byte, 256) / flops.flops_per_byte(static, 256, 8)
+  assert 0.9 < ratio < 1.1  # matched FLOPs per byte
+
+
+def test_bad_sweep_settings_fail_in_one_line(tmp_path):
+  for arg, needle in (("--config.sweep.only=patch4", "unknown variants ['patch4']"),
+                      ("--config.sweep.seeds=0", "sweep.seeds must be >= 1")):
+    result = launch("--config=configs/sweeps/patch_size.py:size=tiny",
+                    f"--workdir={tmp_path / 'x'}", arg)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_xla_flops_agree_with_analytic_for_a_dense_byte_lm():
+  """Without masked-out work to count, XLA's executed FLOPs match the analytic count."""
+  from blt_jax import experiments, train
+  from blt_jax.models import flops
+  config = tiny_config("byte_baseline", **{"data.seq_len": 128})
+  analytic = flops.flops_per_byte(train.build_model(config).cfg, 128)
+  ratio = experiments.xla_train_flops_per_byte(config) / analytic
+  assert 1.0 < ratio < 1.35, ratio  # + causal-masked half of the scores, optimizer, softmax
