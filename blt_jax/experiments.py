@@ -131,6 +131,11 @@ def run_one(sweep, run: dict, workdir: Path) -> dict:
   summary_file = workdir / "summary.json"
   summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
   if summary.get("step", -1) >= config.train.steps:
+    from blt_jax import train
+    saved = checkpoint.read_config(workdir)[0]
+    if config.model.get("max_patches", 1) <= 0:  # derived when the run started
+      config.model.max_patches = saved["model"]["max_patches"]
+    train.check_same_model(saved, config, workdir)  # a stale row from an edited sweep
     print(f"{run['name']} seed {run['seed']}: finished, reusing {workdir}")
   else:
     print(f"\n=== {run['name']} seed {run['seed']} ({run['config']}) -> {workdir}")

@@ -69,6 +69,8 @@ def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):
                   f"--config.model.path={qwen_dir}", "--config.train.steps=20",
                   f"--config.data.corpus={small_corpus}")
   assert result.returncode == 0, result.stderr[-3000:]
+  losses = [json.loads(l)["loss"] for l in (qwen_run / "metrics.jsonl").read_text().splitlines()]
+  assert losses[-1] < losses[0] - 0.5  # fine-tuning on bytes lowers the byte loss
   out = tmp_path / "sweep"
   result = launch("--config=configs/sweeps/patch_size.py:size=tiny", f"--workdir={out}",
                   "--config.sweep.only=patch3", "--config.sweep.steps=20",
@@ -135,3 +137,10 @@ def test_xla_flops_agree_with_analytic_for_a_dense_byte_lm():
   analytic = flops.flops_per_byte(train.build_model(config).cfg, 128)
   ratio = experiments.xla_train_flops_per_byte(config) / analytic
   assert 1.0 < ratio < 1.35, ratio  # + causal-masked half of the scores, optimizer, softmax
+
+
+def test_entropy_workdir_must_be_a_next_byte_model(blt_run, tmp_path):
+  result = launch("--config=configs/patch3.py:size=tiny", f"--workdir={tmp_path / 'x'}",
+                  f"--config.patching.entropy_workdir={blt_run / 'patch3'}")
+  assert result.returncode == 2 and "holds a patched model (blt)" in result.stderr, \
+      result.stderr[-2000:]
