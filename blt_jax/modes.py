@@ -15,6 +15,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   handlers = {"train": train, "eval": evaluate, "patch": patch, "sample": sample}
   if config.mode not in handlers:
     raise UserError(f"unknown mode {config.mode!r} (known: {', '.join(handlers)})")
+  from blt_jax import sharding
+  sharding.initialize(config.mesh)  # multi-host: before anything touches a device
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"workdir {workdir} exists and is not a directory")
