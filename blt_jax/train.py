@@ -160,17 +160,18 @@ class Splits:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None,
-          transform=None, eval_transform=None, progress: bool = True) -> dict:
+          transform=None, eval_transform=None, progress: bool = True, devices=None) -> dict:
   """Trains (or resumes) to `train.steps`, then evaluates on held-out data.
 
   `transform` maps each numpy batch before it reaches the model (e.g. adds patch
   lengths for BLT); `eval_transform` does the same for eval corpora (default: same).
-  Returns the final eval metrics, also written to `<workdir>/eval.json`.
+  The mesh (`config.mesh`) spans `devices` (default: all). Returns the final eval metrics,
+  also written to `<workdir>/eval.json`.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(t.batch_size, mesh, per=t.grad_accum)
   splits = splits or Splits(config)
   eval_transform = eval_transform or transform
