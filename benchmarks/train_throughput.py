@@ -68,7 +68,7 @@ def matched_baseline(blt_flops: float, seq_len: int, template: dict) -> dict:
   """A byte LM of the template's depth whose width gives the closest training FLOPs/byte."""
   heads = template["n_heads"]
   best = None
-  for dim in range(heads * 8, 4097, heads * 8):
+  for dim in range(heads * 2, 4097, heads * 2):  # even head dims (RoPE)
     fields = {**template, "dim": dim}
     f = flops.flops_per_byte(models.config_for("byte_lm", fields), seq_len)
     if best is None or abs(f - blt_flops) < abs(best[0] - blt_flops):
