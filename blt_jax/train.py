@@ -105,9 +105,13 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
   return jax.jit(step, donate_argnums=0)
 
 
+def model_inputs(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k in DEVICE_KEYS}
+
+
 def to_device(batch: dict, mesh=None) -> dict:
   """The model's inputs of a numpy batch that every process holds whole."""
-  batch = {k: v for k, v in batch.items() if k in DEVICE_KEYS}
+  batch = model_inputs(batch)
   return sharding.full_batch(batch, mesh) if mesh is not None else {
       k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -172,6 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   mesh = sharding.make_mesh(config.mesh, devices)
+  if t.grad_accum < 1:
+    raise UserError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
   sharding.check_batch(t.batch_size, mesh, per=t.grad_accum)
   splits = splits or Splits(config)
   eval_transform = eval_transform or transform
@@ -227,8 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   try:
     for step in range(start + 1, last + 1):
       batch = next(train_iter)
-      state, m = step_fn(state, sharding.global_batch(
-          {k: v for k, v in batch.items() if k in DEVICE_KEYS}, mesh))
+      state, m = step_fn(state, sharding.global_batch(model_inputs(batch), mesh))
       pending.append(m)
       bar.update(1)
       due = step == last or ckpt.is_due(step)
