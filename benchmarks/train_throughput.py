@@ -17,8 +17,9 @@ blt_jax/train.py (AdamW, donated state, data-parallel over every local device) o
 fixed device-resident batch of random bytes, so input pipelines are not timed. Timing:
 the best of --rounds windows of --steps steps after two warm-up steps. MFU = analytic model
 FLOPs per byte x bytes/s / peak, where peak is the best FLOP/s of a large square matmul in
-the models' compute dtype. Memory: XLA's buffer sizes for one compiled step (arguments,
-outputs and temporaries, less donated aliases), the process's peak RSS so far, and on
+the models' compute dtype (times the number of accelerators). "Executed" GFLOP/s counts what XLA's cost analysis says the
+compiled step runs (padded patch slots, masked attention), for comparison. Memory: XLA's buffer sizes for one compiled step (arguments,
+outputs and temporaries, less donated aliases; per device), the process's peak RSS so far, and on
 accelerators the device's peak bytes in use so far.
 """
 from __future__ import annotations
@@ -113,7 +114,10 @@ def measure(name: str, kind: str, fields: dict, B: int, T: int, args, peak: floa
   state = jax.device_put(state, shardings)
   batch = sharding.full_batch(batch_np, mesh)
   step = train_lib.make_train_step(graphdef, shardings=shardings, mesh=mesh)
-  mem = step.lower(state, batch).compile().memory_analysis()
+  compiled = step.lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
   step_bytes = None
   if mem is not None:
     step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -132,6 +136,7 @@ def measure(name: str, kind: str, fields: dict, B: int, T: int, args, peak: floa
   row = dict(name=name, params=n_params, batch=f"{B}x{T}", mean_patch=mean_patch,
              mflop_per_byte=fpb / 1e6, step_s=best, bytes_s=bytes_s,
              gflop_s=fpb * bytes_s / 1e9, mfu=fpb * bytes_s / peak,
+             xla_gflop_s=cost.get("flops", float("nan")) * mesh.size / best / 1e9,
              step_mib=None if step_bytes is None else step_bytes / 2 ** 20,
              rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              loss=float(m["loss"]))
@@ -149,6 +154,7 @@ def print_row(r: dict):
   print(f"{r['name']:<20} {r['params'] / 1e6:6.2f}M params  batch {r['batch']}{patch}  "
         f"{r['mflop_per_byte']:7.2f} MFLOP/byte  {r['step_s'] * 1e3:8.1f} ms/step  "
         f"{r['bytes_s']:10.0f} bytes/s  {r['gflop_s']:8.1f} GFLOP/s  MFU {r['mfu']:.3f}  "
+        f"(executed {r['xla_gflop_s']:.1f} GFLOP/s)  "
         f"step memory {step_mem}  RSS {r['rss_mib']:.0f} MiB{extra}", flush=True)
 
 
@@ -168,9 +174,13 @@ def main():
   on_cpu = jax.default_backend() == "cpu"
   n = args.matmul or (2048 if on_cpu else 8192)
   peak = matmul_peak(dtype, n)
+  # Accelerators: the peak of one times their number. CPU: one matmul already uses every
+  # core (simulated CPU devices share them).
+  total = peak if on_cpu else peak * jax.device_count()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}); compute dtype {dtype.name}; peak {n}^3 matmul "
-        f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+        f"{peak / 1e9:.1f} GFLOP/s per device, {total / 1e9:.1f} in all", flush=True)
+  peak = total
 
   template = {k: v for k, v in baseline.model.to_dict().items() if k != "kind"}
   rows = {}
