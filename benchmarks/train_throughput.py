@@ -17,9 +17,10 @@ blt_jax/train.py (AdamW, donated state, data-parallel over every local device) o
 fixed device-resident batch of random bytes, so input pipelines are not timed. Timing:
 the best of --rounds windows of --steps steps after two warm-up steps. MFU = analytic model
 FLOPs per byte x bytes/s / peak, where peak is the best FLOP/s of a large square matmul in
-the models' compute dtype (times the number of accelerators). "Executed" GFLOP/s counts what XLA's cost analysis says the
-compiled step runs (padded patch slots, masked attention), for comparison. Memory: XLA's buffer sizes for one compiled step (arguments,
-outputs and temporaries, less donated aliases; per device), the process's peak RSS so far, and on
+the models' compute dtype (times the number of accelerators). "Executed" GFLOP/s is what
+XLA's cost analysis says the compiled step runs (padded patch slots, masked attention),
+for comparison. Memory: XLA's buffer sizes for one compiled step per device (arguments,
+outputs and temporaries, less donated aliases), the process's peak RSS so far, and on
 accelerators the device's peak bytes in use so far.
 """
 from __future__ import annotations

@@ -2,8 +2,12 @@
 XLA_FLAGS=--xla_force_host_platform_device_count=8: a tiny static-patched BLT trained on
 one device, data-parallel (with gradient accumulation) and FSDP (saved on one mesh,
 resumed on another); a sharded checkpoint restored onto a third mesh. Prints one JSON line.
+With --process=I, one of two processes (one CPU device each, gloo collectives) of a
+jax.distributed run on localhost:PORT, training the same model for 4 steps, then 2 more
+after a resume.
 
   python -m tests.sharding_check WORKDIR
+  python -m tests.sharding_check WORKDIR --process=I --port=PORT
 """
 from __future__ import annotations
 
@@ -100,5 +104,23 @@ def main(root: Path):
   print(json.dumps(out, default=str))
 
 
+def two_processes(root: Path, process: int, port: int):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  from blt_jax import sharding
+  mesh = {"mesh.distributed": True, "mesh.coordinator": f"localhost:{port}",
+          "mesh.num_processes": 2, "mesh.process_id": process, "ckpt.every_steps": 2}
+  sharding.initialize(config(**mesh).mesh)
+  first = run(root, **mesh)
+  resumed = run(root, **{**mesh, "train.steps": STEPS + 2})
+  print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                    "losses": first["losses"], "eval_loss": first["eval_loss"],
+                    "resumed_losses": resumed["losses"]}))
+
+
 if __name__ == "__main__":
-  main(Path(sys.argv[1]))
+  if len(sys.argv) > 2:
+    args = dict(a.lstrip("-").split("=") for a in sys.argv[2:])
+    two_processes(Path(sys.argv[1]), int(args["process"]), int(args["port"]))
+  else:
+    main(Path(sys.argv[1]))

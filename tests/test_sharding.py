@@ -1,10 +1,12 @@
 """Scale: one device vs data-parallel vs FSDP (8 simulated CPU devices, own process),
-sharded checkpoints on another mesh, gradient accumulation, remat, bf16 compute with fp32
-parameters, per-process data shards, mesh errors."""
+sharded checkpoints on another mesh, two jax.distributed processes, gradient
+accumulation, remat, bf16 compute with fp32 parameters, per-process data shards, mesh
+errors."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,6 +34,25 @@ def eight(tmp_path_factory, private_cache):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, private_cache):
+  """tests/sharding_check.py as two jax.distributed processes with one CPU device each."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  env.pop("XLA_FLAGS", None)
+  root = tmp_path_factory.mktemp("hosts")
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding_check", str(root),
+                             f"--process={i}", f"--port={port}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
 def test_data_parallel_with_accumulation_matches_one_device(eight):
   assert eight["devices"] == 8
   one, dp = eight["one"], eight["data8_accum2"]
@@ -51,6 +72,15 @@ def test_sharded_checkpoint_restores_on_a_different_mesh(eight):
   r = eight["restore"]
   assert r["max_abs_diff"] == 0.0  # fsdp=8 restore equals a one-device restore
   assert "fsdp" in r["spec"] and r["shard_rows"][0] * 8 == r["shape"][0]
+
+
+def test_two_processes_match_one_device_and_resume(eight, two_processes):
+  one = eight["one"]
+  for r in two_processes:  # every process sees the same global metrics
+    assert (r["processes"], r["devices"]) == (2, 2)
+    np.testing.assert_allclose(r["losses"], one["losses"], **TOL)
+    np.testing.assert_allclose(r["eval_loss"], one["eval_loss"], **TOL)
+    assert r["resumed_losses"][:4] == r["losses"] and len(r["resumed_losses"]) == 6
 
 
 def test_bad_mesh_and_batch_are_one_line_errors(eight):
