@@ -41,8 +41,9 @@ def model_summary(config, model, mean_patch_size: float | None = None) -> dict:
 
 
 def train(config, workdir: Path):
-  from blt_jax import pipeline, train as train_lib
+  from blt_jax import pipeline, sharding, train as train_lib
   t0 = time.time()
+  sharding.train_mesh(config)  # a bad mesh or batch fails before any data is read
   splits = train_lib.Splits(config)
   transform, eval_transform = pipeline.prepare(config, splits, workdir)
   summary = {}

@@ -94,6 +94,15 @@ def check_batch(batch_size: int, mesh, what: str = "train.batch_size", per: int 
                                                           else ")"))
 
 
+def train_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The mesh of a training run, after checking that its batch splits over it."""
+  mesh = make_mesh(config.mesh, devices)
+  if config.train.grad_accum < 1:
+    raise UserError(f"train.grad_accum must be >= 1, got {config.train.grad_accum}")
+  check_batch(config.train.batch_size, mesh, per=config.train.grad_accum)
+  return mesh
+
+
 def process_shard() -> tuple[int, int]:
   """(index, count) of this process: its share of every training batch."""
   return jax.process_index(), jax.process_count()

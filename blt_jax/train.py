@@ -175,10 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
-  mesh = sharding.make_mesh(config.mesh, devices)
-  if t.grad_accum < 1:
-    raise UserError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
-  sharding.check_batch(t.batch_size, mesh, per=t.grad_accum)
+  mesh = sharding.train_mesh(config, devices)
   splits = splits or Splits(config)
   eval_transform = eval_transform or transform
   shard, n_shards = sharding.process_shard()

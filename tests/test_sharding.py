@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from blt_jax import data, models
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -88,6 +88,16 @@ def test_bad_mesh_and_batch_are_one_line_errors(eight):
   assert e["mesh"] == "mesh.data=3 x mesh.fsdp=1 does not divide the 8 devices"
   assert "there are 8" in e["mesh_total"]
   assert e["batch"].startswith("train.batch_size=12 is not divisible by 8")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.data=3", "error: mesh.data=3 x mesh.fsdp=1 does not divide the 1 devices"),
+    ("--config.train.grad_accum=3", "error: train.batch_size=8 is not divisible by 3 "
+                                    "(mesh 1 data x 1 fsdp x 3 micro-batches)")])
+def test_launcher_rejects_a_bad_mesh_in_one_line(tmp_path, override, message):
+  result = launch("--config=configs/entropy_model.py:size=tiny", f"--workdir={tmp_path}",
+                  override)
+  assert result.returncode == 2 and result.stderr.strip() == message, result.stderr[-2000:]
 
 
 def _blt(**fields):
