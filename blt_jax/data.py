@@ -218,15 +218,21 @@ class WindowReader:
 
 
 def train_dataset(corpus: Corpus, doc_ids: np.ndarray, *, seq_len: int, batch_size: int,
-                  seed: int, transform=None) -> grain.IterDataset:
+                  seed: int, transform=None, shard: int = 0,
+                  n_shards: int = 1) -> grain.IterDataset:
   """Shuffled (per epoch, by seed), repeated, batched windows; deterministic per seed.
 
   `transform`, when given, maps each batch (a dict of numpy arrays) to a new dict, e.g.
-  adding patch lengths. Iterators of the result have checkpointable state.
+  adding patch lengths. Iterators of the result have checkpointable state. With
+  `n_shards` > 1 (one per process), shard i reads windows i, i + n, ... of the shuffled
+  stream in batches of `batch_size` (the per-process batch): step s of all shards together
+  holds the same windows as step s of one process with n times the batch.
   """
   table = window_table(corpus, doc_ids, seq_len)
-  ds = (grain.MapDataset.source(table).shuffle(seed=seed).repeat()
-        .map(WindowReader(corpus.data, seq_len)).batch(batch_size, drop_remainder=True))
+  ds = grain.MapDataset.source(table).shuffle(seed=seed).repeat()
+  if n_shards > 1:
+    ds = ds[shard::n_shards]
+  ds = ds.map(WindowReader(corpus.data, seq_len)).batch(batch_size, drop_remainder=True)
   if transform is not None:
     ds = ds.map(transform)
   return ds.to_iter_dataset()

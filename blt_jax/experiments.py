@@ -117,7 +117,8 @@ def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
            "mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
   if config.patching.mode != "none":
     batch["patch_lengths"] = jax.ShapeDtypeStruct((B, config.model.max_patches), jnp.int32)
-  cost = train_lib.make_train_step(graphdef).lower(state, batch).cost_analysis()
+  step = train_lib.make_train_step(graphdef, grad_accum=config.train.get("grad_accum", 1))
+  cost = step.lower(state, batch).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / (B * T)
 

@@ -16,6 +16,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
               "sweep": sweep}
   if config.mode not in handlers:
     raise UserError(f"unknown mode {config.mode!r} (known: {', '.join(handlers)})")
+  from blt_jax import sharding
+  sharding.initialize(config.mesh)  # multi-host: before anything touches a device
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"workdir {workdir} exists and is not a directory")
@@ -40,8 +42,9 @@ def model_summary(config, model, mean_patch_size: float | None = None) -> dict:
 
 
 def train(config, workdir: Path):
-  from blt_jax import pipeline, train as train_lib
+  from blt_jax import pipeline, sharding, train as train_lib
   t0 = time.time()
+  sharding.train_mesh(config)  # a bad mesh or batch fails before any data is read
   splits = train_lib.Splits(config)
   transform, eval_transform = pipeline.prepare(config, splits, workdir)
   summary = {}

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from blt_jax import checkpoint, data, models
+from blt_jax import checkpoint, data, models, sharding
 from blt_jax.errors import UserError
 from blt_jax.evaluate import Evaluator, apply, token_stats
 
@@ -58,31 +58,73 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
 
 
-def make_train_step(graphdef):
-  """(state, batch) -> (new state, device metrics); the input state is donated."""
+def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None):
+  """(state, batch) -> (new state, device metrics); the input state is donated.
+
+  The batch splits into `grad_accum` micro-batches (strided rows, so each stays spread
+  over the batch-sharded devices) whose gradients of the summed loss are accumulated in
+  float32 and divided by the total count of real bytes: the same update as one batch.
+  With `shardings`, the new state keeps the layout of the old (FSDP); metrics are
+  replicated over `mesh`.
+  """
   def step(state, batch):
     model, opt = nnx.merge(graphdef, state)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(model):
-      nll, correct, count = token_stats(apply(model, batch), batch)
-      return nll / jnp.maximum(count, 1.0), (correct, count)
+    def summed_loss(params, batch):
+      nll, correct, count = token_stats(apply(nnx.merge(model_def, params, rest), batch), batch)
+      return nll, (correct, count)
 
-    (loss, (correct, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    def micro_grads(batch):
+      (nll, (correct, count)), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+          params, batch)
+      return grads, (nll, correct, count)
+
+    if grad_accum == 1:
+      grads, (nll, correct, count) = micro_grads(batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum,
+                                               *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, mb):
+        g, sums = micro_grads(mb)
+        return jax.tree.map(jnp.add, carry, (g, sums)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()),) * 3)
+      (grads, (nll, correct, count)), _ = jax.lax.scan(body, zeros, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
     opt.update(model, grads)
-    metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1.0),
+    new_state = nnx.state((model, opt))
+    metrics = {"loss": nll / denom, "accuracy": correct / denom,
                "grad_norm": optax.global_norm(grads), "bytes": count}
-    return nnx.state((model, opt)), metrics
+    if shardings is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, shardings)
+      metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(mesh))
+    return new_state, metrics
   return jax.jit(step, donate_argnums=0)
 
 
-def to_device(batch: dict) -> dict:
-  return {k: jnp.asarray(v) for k, v in batch.items() if k in DEVICE_KEYS}
+def model_inputs(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k in DEVICE_KEYS}
+
+
+def to_device(batch: dict, mesh=None) -> dict:
+  """The model's inputs of a numpy batch that every process holds whole."""
+  batch = model_inputs(batch)
+  return sharding.full_batch(batch, mesh) if mesh is not None else {
+      k: jnp.asarray(v) for k, v in batch.items()}
+
+
+RUNTIME_FIELDS = ("dtype", "remat")  # how a model computes, not what it stores
 
 
 def check_same_model(saved: dict, current: ml_collections.ConfigDict, workdir):
   """A checkpoint restores only into the model shape it was saved from."""
   as_saved = json.loads(current.model.to_json())  # tuples become lists, as in the file
   for key, value in as_saved.items():
+    if key in RUNTIME_FIELDS:
+      continue
     if saved.get("model", {}).get(key) != value:
       raise UserError(f"checkpoint in {workdir} has model.{key}="
                       f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")
@@ -110,37 +152,44 @@ class Splits:
                         f"({len(self.corpus.names)} in all); raise data.eval_fraction")
       self.eval_corpus, self.eval_ids = self.corpus, self.heldout_ids
 
-  def eval_batches(self, config, max_bytes: int, transform=None, on_device: bool = True):
+  def eval_batches(self, config, max_bytes: int, transform=None, on_device: bool = True,
+                   mesh=None):
     """(batches, number of batches) of the eval windows; numpy when not `on_device`."""
     kw = dict(seq_len=config.data.seq_len, max_bytes=max_bytes)
     total = -(-len(data.eval_table(self.eval_corpus, self.eval_ids, **kw))
               // config.eval.batch_size)
     batches = data.eval_batches(self.eval_corpus, self.eval_ids,
                                 batch_size=config.eval.batch_size, transform=transform, **kw)
-    return ((to_device(b) for b in batches) if on_device else batches), total
+    return ((to_device(b, mesh) for b in batches) if on_device else batches), total
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None,
-          transform=None, eval_transform=None, progress: bool = True) -> dict:
+          transform=None, eval_transform=None, progress: bool = True, devices=None) -> dict:
   """Trains (or resumes) to `train.steps`, then evaluates on held-out data.
 
   `transform` maps each numpy batch before it reaches the model (e.g. adds patch
   lengths for BLT); `eval_transform` does the same for eval corpora (default: same).
-  Returns the final eval metrics, also written to `<workdir>/eval.json`.
+  The mesh (`config.mesh`) spans `devices` (default: all). Returns the final eval metrics,
+  also written to `<workdir>/eval.json`.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
+  mesh = sharding.train_mesh(config, devices)
   splits = splits or Splits(config)
   eval_transform = eval_transform or transform
+  shard, n_shards = sharding.process_shard()
   train_iter = iter(data.train_dataset(splits.corpus, splits.train_ids,
-                                       seq_len=config.data.seq_len, batch_size=t.batch_size,
-                                       seed=t.seed, transform=transform))
+                                       seq_len=config.data.seq_len,
+                                       batch_size=t.batch_size // n_shards, seed=t.seed,
+                                       transform=transform, shard=shard, n_shards=n_shards))
   model = build_model(config)
   optimizer = nnx.Optimizer(model, make_optimizer(t), wrt=nnx.Param)
   model_graphdef = nnx.split(model)[0]
   graphdef, state = nnx.split((model, optimizer))
   del model, optimizer
+  shardings = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
                                  every_steps=config.ckpt.every_steps)
@@ -153,15 +202,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                                       data_iter=train_iter)
     nnx.replace_by_pure_dict(state, restored)
 
-  step_fn = make_train_step(graphdef)
+  step_fn = make_train_step(graphdef, grad_accum=t.grad_accum, shardings=shardings,
+                            mesh=mesh)
   evaluator = Evaluator(model_graphdef)
 
   def held_out(max_bytes, desc):
-    batches, total = splits.eval_batches(config, max_bytes, eval_transform)
+    batches, total = splits.eval_batches(config, max_bytes, eval_transform, mesh=mesh)
     return evaluator(state[0], batches, total=total, desc=desc,
-                     progress=progress)
+                     progress=progress and lead)
 
-  metrics_file = open(workdir / "metrics.jsonl", "a")
+  lead = jax.process_index() == 0  # one process writes metrics and shows progress
+  metrics_file = open(workdir / "metrics.jsonl", "a") if lead else None
   pending, t_log = [], time.perf_counter()
 
   def check_finite(step):
@@ -174,12 +225,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                          f"{ckpt.latest_step()}; lower train.lr or check the data)")
 
   last = min(t.steps, t.stop_at) if t.stop_at > 0 else t.steps
-  bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not progress,
+  bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not (progress and lead),
              dynamic_ncols=True, unit="step")
   try:
     for step in range(start + 1, last + 1):
       batch = next(train_iter)
-      state, m = step_fn(state, to_device(batch))
+      state, m = step_fn(state, sharding.global_batch(model_inputs(batch), mesh))
       pending.append(m)
       bar.update(1)
       due = step == last or ckpt.is_due(step)
@@ -198,8 +249,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           row.update({f"eval_{k}": v for k, v in
                       held_out(config.eval.train_max_bytes, "held-out").items()})
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        if lead:
+          metrics_file.write(json.dumps(row) + "\n")
+          metrics_file.flush()
         bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}",
                         bytes_s=f"{row['bytes_per_s']:.0f}")
         pending, t_log = [], time.perf_counter()
@@ -207,10 +259,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
         ckpt.save(step, nnx.to_pure_dict(state), config=config_dict, data_iter=train_iter)
   finally:
     bar.close()
-    metrics_file.close()
+    if lead:
+      metrics_file.close()
     ckpt.close()
   result = held_out(config.eval.max_bytes, "final eval")
   result["step"] = last
-  (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+  if lead:
+    (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
   return result
 

@@ -88,7 +88,8 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.model.update(BYTE_LM[size])
   c.model.mlp_ratio = 4.0
   c.model.rope_theta = 10000.0
-  c.model.dtype = "bfloat16" if size == "gpu" else "float32"
+  c.model.dtype = "bfloat16" if size == "gpu" else "float32"  # compute; params stay fp32
+  c.model.remat = False          # recompute block activations in backward (saves memory)
 
   c.patching = ml_collections.ConfigDict()
   c.patching.mode = "none"       # none | global | monotonic | static | space
@@ -116,6 +117,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0        # global-norm clip
   c.train.log_every = s["log_every"]
+  c.train.grad_accum = 1         # micro-batches per step (batch_size is the whole step's)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.corpus = ""             # '' = held-out split of data.corpus; else all of this corpus
@@ -138,7 +140,11 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # data-parallel axis size; -1 = all remaining devices
-  c.mesh.fsdp = 1                # parameter-sharding axis size
+  c.mesh.fsdp = 1                # parameter-sharding (FSDP) axis size; -1 = the rest
+  c.mesh.distributed = False     # multi-host: call jax.distributed.initialize() first
+  c.mesh.coordinator = ""        # host:port of process 0; '' = detect (SLURM, Open MPI, env)
+  c.mesh.num_processes = 0       # processes in all; 0 = detect
+  c.mesh.process_id = -1         # this process; -1 = detect
   return c
 
 
@@ -153,6 +159,7 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
   c.model.mlp_ratio = 4.0
   c.model.rope_theta = 10000.0
   c.model.dtype = "bfloat16" if size == "gpu" else "float32"
+  c.model.remat = False
   expected = expected_patch_size or target_patch_size or patch_size
   c.model.max_patches = max_patches(c.data.seq_len, expected)
   c.patching.mode = mode

@@ -48,6 +48,7 @@ class BLTConfig:
   mlp_ratio: float = 4.0
   rope_theta: float = 10000.0
   dtype: str = "float32"         # compute dtype; parameters stay float32
+  remat: bool = False            # recompute block activations in the backward pass
 
   def __post_init__(self):
     ngrams = self.hash_ngrams
@@ -135,7 +136,8 @@ class BLT(nnx.Module):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
     E, G, D, k = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k
-    tf = dict(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta, dtype=dtype, rngs=rngs)
+    tf = dict(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta, dtype=dtype,
+              remat=cfg.remat, rngs=rngs)
     self.embed = nnx.Embed(VOCAB_IN, E, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.hash_embed = (HashEmbed(cfg.hash_ngrams, cfg.hash_buckets, E, dtype=dtype, rngs=rngs)

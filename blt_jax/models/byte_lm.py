@@ -22,6 +22,7 @@ class ByteLMConfig:
   window: int = 0            # sliding-window attention span in bytes; 0 = full causal
   rope_theta: float = 10000.0
   dtype: str = "float32"     # compute dtype; parameters stay float32
+  remat: bool = False        # recompute block activations in the backward pass
 
 
 class ByteLM(nnx.Module):
@@ -35,7 +36,8 @@ class ByteLM(nnx.Module):
     self.embed = nnx.Embed(VOCAB_IN, cfg.dim, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, mlp_ratio=cfg.mlp_ratio,
-                                    rope_theta=cfg.rope_theta, dtype=dtype, rngs=rngs)
+                                    rope_theta=cfg.rope_theta, dtype=dtype, remat=cfg.remat,
+                                    rngs=rngs)
     self.head = layers.dense(cfg.dim, VOCAB_OUT, rngs=rngs, dtype=dtype)
 
   def __call__(self, inputs_BxT, patch_lengths_BxP=None):

@@ -1,0 +1,126 @@
+"""Multi-device checks, run by tests/test_sharding.py in a process of its own with
+XLA_FLAGS=--xla_force_host_platform_device_count=8: a tiny static-patched BLT trained on
+one device, data-parallel (with gradient accumulation) and FSDP (saved on one mesh,
+resumed on another); a sharded checkpoint restored onto a third mesh. Prints one JSON line.
+With --process=I, one of two processes (one CPU device each, gloo collectives) of a
+jax.distributed run on localhost:PORT, training the same model for 4 steps, then 2 more
+after a resume.
+
+  python -m tests.sharding_check WORKDIR
+  python -m tests.sharding_check WORKDIR --process=I --port=PORT
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+STEPS = 4
+
+
+def config(**overrides):
+  from tests.conftest import tiny_config
+  corpus = os.path.join(os.path.dirname(os.__file__), "json", "*.py")
+  base = {"data.corpus": corpus, "data.eval_fraction": 0.3, "train.steps": STEPS,
+          "train.batch_size": 16, "train.log_every": 1, "eval.max_bytes": 2048,
+          "eval.batch_size": 8, "ckpt.every_steps": 0}
+  return tiny_config("static4", **{**base, **overrides})
+
+
+def run(workdir: Path, devices=None, **overrides) -> dict:
+  """Trains; (per-step losses of every invocation in the workdir, final eval loss)."""
+  from blt_jax import pipeline, train
+  c = config(**overrides)
+  splits = train.Splits(c)
+  transform, eval_transform = pipeline.prepare(c, splits, None, progress=False)
+  result = train.train(c, workdir, splits=splits, transform=transform,
+                       eval_transform=eval_transform, progress=False, devices=devices)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {"losses": [r["loss"] for r in rows], "eval_loss": result["loss"]}
+
+
+def restore_on(workdir: Path, mesh_cfg: dict, devices=None):
+  """The latest checkpoint of `workdir`, restored FSDP-sharded onto another mesh."""
+  import ml_collections
+  from flax import nnx
+  from blt_jax import checkpoint, sharding, train
+  c = config()
+  model = train.build_model(c)
+  _, state = nnx.split((model, nnx.Optimizer(model, train.make_optimizer(c.train),
+                                             wrt=nnx.Param)))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh))
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    restored, _, _ = ckpt.restore(None, checkpoint.abstract(nnx.to_pure_dict(state)))
+  finally:
+    ckpt.close()
+  return restored
+
+
+def main(root: Path):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+  from blt_jax import sharding
+  from blt_jax.errors import UserError
+  import ml_collections
+  out = {"devices": jax.device_count()}
+  out["one"] = run(root / "one", devices=jax.devices()[:1], **{"mesh.data": 1})
+  out["data8_accum2"] = run(root / "data8", **{"mesh.data": 8, "train.grad_accum": 2})
+  # FSDP 2 x 4 for two steps (checkpoint), then resumed on a 4 x 2 mesh.
+  fsdp = {"ckpt.every_steps": 2, "mesh.data": 2, "mesh.fsdp": 4}
+  run(root / "fsdp", **fsdp, **{"train.stop_at": 2})
+  out["fsdp_resumed"] = run(root / "fsdp", **{**fsdp, "mesh.data": 4, "mesh.fsdp": 2})
+
+  flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in
+                       jax.tree_util.tree_leaves_with_path(tree)}
+  on8 = flat(restore_on(root / "fsdp", {"data": 1, "fsdp": 8}))
+  on1 = flat(restore_on(root / "fsdp", {"data": 1, "fsdp": 1}, jax.devices()[:1]))
+  name = max(on8, key=lambda k: on8[k].size)
+  out["restore"] = {
+      "max_abs_diff": max(float(np.max(np.abs(np.asarray(on8[k]) - np.asarray(on1[k]))))
+                      for k in on8),
+      "largest": name, "spec": str(on8[name].sharding.spec),
+      "shard_rows": on8[name].addressable_shards[0].data.shape,
+      "shape": on8[name].shape}
+
+  errors = {}
+  for label, fn in [
+      ("mesh", lambda: sharding.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1}))),
+      ("mesh_total", lambda: sharding.make_mesh(ml_collections.ConfigDict({"data": 2,
+                                                                           "fsdp": 2}))),
+      ("batch", lambda: sharding.check_batch(12, sharding.make_mesh(
+          ml_collections.ConfigDict({"data": -1, "fsdp": 1}))))]:
+    try:
+      fn()
+      errors[label] = None
+    except UserError as e:
+      errors[label] = str(e)
+  out["errors"] = errors
+  print(json.dumps(out, default=str))
+
+
+def two_processes(root: Path, process: int, port: int):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  from blt_jax import sharding
+  mesh = {"mesh.distributed": True, "mesh.coordinator": f"localhost:{port}",
+          "mesh.num_processes": 2, "mesh.process_id": process, "ckpt.every_steps": 2}
+  sharding.initialize(config(**mesh).mesh)
+  first = run(root, **mesh)
+  resumed = run(root, **{**mesh, "train.steps": STEPS + 2})
+  print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                    "losses": first["losses"], "eval_loss": first["eval_loss"],
+                    "resumed_losses": resumed["losses"]}))
+
+
+if __name__ == "__main__":
+  if len(sys.argv) > 2:
+    args = dict(a.lstrip("-").split("=") for a in sys.argv[2:])
+    two_processes(Path(sys.argv[1]), int(args["process"]), int(args["port"]))
+  else:
+    main(Path(sys.argv[1]))
