@@ -84,9 +84,13 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
   return runs
 
 
-def variant_config(sweep: ml_collections.ConfigDict, run: dict) -> ml_collections.ConfigDict:
+def variant_config(sweep: ml_collections.ConfigDict, run: dict,
+                   mesh: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """A run's config: its file, its overrides, the seed, the sweep-wide fields and mesh."""
   from blt_jax import pipeline
   config = pipeline.load_config_file(run["config"])
+  if mesh is not None:
+    config.mesh = ml_collections.ConfigDict(mesh.to_dict())
   for key, value in run["overrides"].items():
     set_field(config, key, value)
   config.train.seed = run["seed"]
@@ -125,10 +129,10 @@ def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
 
 # ------------------------------------------------------------------------- running
 
-def run_one(sweep, run: dict, workdir: Path) -> dict:
+def run_one(config, run: dict, workdir: Path) -> dict:
   """Trains one variant at one seed unless finished; its summary plus the sweep fields."""
   from blt_jax import checkpoint, modes
-  config = variant_config(sweep, run)
+  config = variant_config(config.sweep, run, config.mesh)
   summary_file = workdir / "summary.json"
   summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
   if summary.get("step", -1) >= config.train.steps:
@@ -161,7 +165,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path):
   rows, failed = [], []
   for run in runs:
     try:
-      rows.append(run_one(sweep, run, workdir / run["name"] / f"seed{run['seed']}"))
+      rows.append(run_one(config, run, workdir / run["name"] / f"seed{run['seed']}"))
     except UserError as e:
       print(f"{run['name']} seed {run['seed']} failed: {e}")
       failed.append((run, str(e)))

@@ -199,6 +199,7 @@ def sweep_config(arg: str | None, *, title: str, description: str, variants: dic
   c.sweep.only = ""              # comma-separated variant names to run; '' = all
   c.sweep.sample_text = SAMPLE_TEXT  # the text of the patch-boundary figure
   c.sweep.connect = True         # plots join each series' points (rows ordered along x)
+  c.mesh = base_config(arg).mesh  # the device mesh of every variant (and multi-host start)
   c.sweep.variants = ml_collections.ConfigDict()
   for rank, (name, (config_file, overrides)) in enumerate(variants.items()):
     c.sweep.variants[name] = ml_collections.ConfigDict(dict(  # ConfigDict sorts keys
