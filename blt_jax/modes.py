@@ -57,7 +57,7 @@ def train(config, workdir: Path):
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   summary["train_bytes_per_s"] = float(np.median([r["bytes_per_s"] for r in rows[1:] or rows]))
   summary["wall_s"] = time.time() - t0
-  if config.patching.mode != "none":
+  if config.patching.mode in pipeline.ENTROPY_MODES:
     summary["threshold"] = config.patching.threshold
   model = train_lib.build_model(config)
   summary.update(model_summary(config, model, summary.get("mean_patch_size")))
