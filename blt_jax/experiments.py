@@ -77,7 +77,8 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
     for model in (models if uses_entropy else ["default"]):
       label = name if model == "default" or len(models) == 1 else f"{name}@{Path(model).name}"
       extra = {} if model == "default" else {"patching.entropy_workdir": model}
-      series = probe.patching.mode + (f"@{Path(model).name}" if len(models) > 1 else "")
+      series = probe.patching.mode + (f"@{Path(model).name}" if uses_entropy and len(models) > 1
+                                      else "")
       for seed in range(sweep.seeds):
         runs.append(dict(name=label, config=v.config, overrides={**overrides, **extra},
                          seed=seed, series=series))
