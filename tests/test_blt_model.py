@@ -64,7 +64,7 @@ def reference_indices(lengths, seq_len):
     [1] * 11 + [21],                         # surplus folded into the last patch
     [32] + [0] * 11,                         # one patch
 ])
-def test_mask_builders_match_reference(lengths):
+def test_patch_ids_match_reference(lengths):
   L = jnp.array([lengths], jnp.int32)
   g = np.asarray(blt.byte_patch_ids(L, T))[0]
   ip = np.asarray(blt.input_patch_ids(jnp.asarray(g)[None]))[0]
@@ -72,21 +72,49 @@ def test_mask_builders_match_reference(lengths):
   np.testing.assert_array_equal(g, g_ref)
   np.testing.assert_array_equal(ip, ip_ref)
 
-  enc = np.asarray(blt.encoder_cross_mask(jnp.asarray(ip)[None], P, K))[0]
-  dec = np.asarray(blt.decoder_cross_mask(jnp.asarray(g)[None], P, K))[0]
-  assert enc.shape == (P * K, T) and dec.shape == (T, P * K)
+
+
+@pytest.mark.parametrize("lengths", [
+    [3, 5, 1, 7, 2, 4, 6, 4, 0, 0, 0, 0],    # zero-padded (empty patches get zeros)
+    [1] * 11 + [21],                         # surplus folded into the last patch
+    [32] + [0] * 11,                         # one patch
+])
+def test_patch_cross_attention_matches_dense_masked_attention(lengths):
+  """The gathered/segmented cross-attentions equal a dense softmax attention whose mask
+  says, row by row, what each query may see: slot j of patch p sees the input positions of
+  patch p (a slot that sees none outputs zeros); position i sees the k slots of patch g[i].
+  Values and gradients."""
+  g_ref, ip_ref = reference_indices(lengths, T)
+  H, D = 2, 8
+  enc_mask = np.array([[ip_ref[s] == row // K for s in range(T)] for row in range(P * K)])
+  dec_mask = np.array([[col // K == g_ref[i] for col in range(P * K)] for i in range(T)])
+  # Semantics: every input position feeding patch g[i] precedes x_i's patch start, so it
+  # holds a byte strictly before x_i (input s holds x_{s-1}), and the patch is complete.
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-  for p in range(P):
-    for j in range(K):
-      for s in range(T):
-        assert enc[p * K + j, s] == (ip_ref[s] == p)
   for i in range(T):
-    for col in range(P * K):
-      assert dec[i, col] == (col // K == g_ref[i])
-    # Semantics: every input position feeding patch g[i] precedes x_i's patch start, so it
-    # holds a byte strictly before x_i (input s holds x_{s-1}), and the patch is complete.
     seen = np.flatnonzero(ip_ref == g_ref[i])
     assert (seen <= starts[g_ref[i]]).all() and (seen <= i).all()
+
+  def dense(q, k, v, mask):
+    logits = jnp.einsum("thd,shd->hts", q, k) / np.sqrt(D)
+    probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1) * mask
+    return jnp.einsum("hts,shd->thd", probs, v)
+
+  rng = np.random.default_rng(1)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  ip, g = jnp.asarray(ip_ref)[None], jnp.asarray(g_ref)[None]
+  encoder = lambda q, k, v: blt.slots_attend_own_patch(q.reshape(1, P, K, H, D), k, v, ip)
+  decoder = lambda q, k, v: blt.bytes_attend_own_slots(
+      q, k.reshape(1, P, K, H, D), v.reshape(1, P, K, H, D), g)
+  for fn, mask, (nq, nk) in ((encoder, enc_mask, (P * K, T)), (decoder, dec_mask, (T, P * K))):
+    q, k, v = normal(1, nq, H, D), normal(1, nk, H, D), normal(1, nk, H, D)
+    w = normal(nq, H, D)
+    got = lambda q, k, v: (fn(q, k, v).reshape(nq, H, D) * w).sum()
+    want = lambda q, k, v: (dense(q[0], k[0], v[0], mask) * w).sum()
+    np.testing.assert_allclose(fn(q, k, v).reshape(nq, H, D), dense(q[0], k[0], v[0], mask),
+                               atol=1e-5)
+    for a, b in zip(jax.grad(got, (0, 1, 2))(q, k, v), jax.grad(want, (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_pool_patches_max_mean_and_empty():

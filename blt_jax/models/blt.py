@@ -84,18 +84,6 @@ def input_patch_ids(g_BxT):
   return jnp.concatenate([jnp.zeros_like(g_BxT[:, :1]), g_BxT[:, :-1] + 1], axis=1)
 
 
-def encoder_cross_mask(ip_BxT, n_patches: int, k: int):
-  """[B, P*k, T] bool: slot j of patch p (row p*k + j) sees input positions of patch p only."""
-  slot_patch_S = jnp.arange(n_patches * k, dtype=jnp.int32) // k
-  return ip_BxT[:, None, :] == slot_patch_S[None, :, None]
-
-
-def decoder_cross_mask(g_BxT, n_patches: int, k: int):
-  """[B, T, P*k] bool: decoder position i sees the k slots of global patch g[i] only."""
-  slot_patch_S = jnp.arange(n_patches * k, dtype=jnp.int32) // k
-  return g_BxT[:, :, None] == slot_patch_S[None, None, :]
-
-
 def pool_patches(h_BxTxD, ip_BxT, n_patches: int, mode: str = "max"):
   """[B, P, D]: max or mean of h over each input patch 0..P-1; empty patches give zeros."""
   B, T, D = h_BxTxD.shape
@@ -115,16 +103,70 @@ def pool_patches(h_BxTxD, ip_BxT, n_patches: int, mode: str = "max"):
 
 # ----------------------------------------------------------------------------- model
 
-class CrossAttention(nnx.Module):
-  """Pre-norm residual cross-attention (no RoPE): x + attn(norm(x), kv)."""
+def slots_attend_own_patch(q_BxPxkxHxK, k_BxTxHxK, v_BxTxHxK, ip_BxT):
+  """Encoder cross-attention: the k slots of patch p attend over the input positions of
+  patch p only (softmax within the patch); a patch without positions gets zeros.
 
-  def __init__(self, dim: int, kv_dim: int, n_heads: int, *, dtype, rngs: nnx.Rngs):
+  Runs per position (its patch's k queries), so the cost grows with T * k, where a dense
+  masked attention would pay T * P * k. Returns [B, P, k, H, K].
+  """
+  B, P = q_BxPxkxHxK.shape[:2]
+  n_seg = P + 1  # input patch P (never read) gets its own segment, then dropped
+  q_BxTxkxHxK = q_BxPxkxHxK[jnp.arange(B)[:, None], jnp.minimum(ip_BxT, P - 1)]
+  scores_BxTxkxH = jnp.einsum("btjhd,bthd->btjh", q_BxTxkxHxK, k_BxTxHxK,
+                              preferred_element_type=jnp.float32)
+  scores_BxTxkxH *= q_BxPxkxHxK.shape[-1] ** -0.5
+  seg_N = (ip_BxT + n_seg * jnp.arange(B, dtype=ip_BxT.dtype)[:, None]).reshape(-1)
+  scores_NxkxH = scores_BxTxkxH.reshape(B * ip_BxT.shape[1], *scores_BxTxkxH.shape[2:])
+  top_SxkxH = jax.lax.stop_gradient(
+      jax.ops.segment_max(scores_NxkxH, seg_N, B * n_seg, indices_are_sorted=True))
+  weights_NxkxH = jnp.exp(scores_NxkxH - top_SxkxH[seg_N])
+  total_SxkxH = jax.ops.segment_sum(weights_NxkxH, seg_N, B * n_seg, indices_are_sorted=True)
+  v_NxHxK = v_BxTxHxK.reshape(-1, *v_BxTxHxK.shape[2:]).astype(jnp.float32)
+  summed_SxkxHxK = jax.ops.segment_sum(weights_NxkxH[..., None] * v_NxHxK[:, None], seg_N,
+                                       B * n_seg, indices_are_sorted=True)
+  out_SxkxHxK = summed_SxkxHxK / jnp.maximum(total_SxkxH, 1e-30)[..., None]
+  out_BxPxkxHxK = out_SxkxHxK.reshape(B, n_seg, *out_SxkxHxK.shape[1:])[:, :P]
+  return out_BxPxkxHxK.astype(v_BxTxHxK.dtype)
+
+
+def bytes_attend_own_slots(q_BxTxHxK, k_BxPxkxHxK, v_BxPxkxHxK, g_BxT):
+  """Decoder cross-attention: position i attends over the k slots of global patch g[i]
+  only, gathered per position (cost T * k, not T * P * k). Returns [B, T, H, K]."""
+  batch_Bx1 = jnp.arange(q_BxTxHxK.shape[0])[:, None]
+  k_BxTxkxHxK, v_BxTxkxHxK = k_BxPxkxHxK[batch_Bx1, g_BxT], v_BxPxkxHxK[batch_Bx1, g_BxT]
+  scores_BxTxkxH = jnp.einsum("bthd,btjhd->btjh", q_BxTxHxK, k_BxTxkxHxK,
+                              preferred_element_type=jnp.float32)
+  probs_BxTxkxH = jax.nn.softmax(scores_BxTxkxH * q_BxTxHxK.shape[-1] ** -0.5, axis=2)
+  return jnp.einsum("btjh,btjhd->bthd", probs_BxTxkxH.astype(v_BxTxkxHxK.dtype), v_BxTxkxHxK)
+
+
+class CrossAttention(nnx.Module):
+  """Pre-norm residual cross-attention without RoPE, x + attn(norm(x), kv), between bytes and
+  patch slots, where each query sees only its own patch: `patch_ids_BxT` is the input patch
+  of each position (encoder: slots query bytes) or the global patch it reads (decoder:
+  bytes query slots)."""
+
+  def __init__(self, dim: int, kv_dim: int, n_heads: int, k: int, *, slots_query: bool,
+               dtype, rngs: nnx.Rngs):
     self.norm = layers.RMSNorm(dim, rngs=rngs)
     self.attn = layers.Attention(dim, n_heads, kv_dim=kv_dim, use_rope=False, dtype=dtype,
                                  rngs=rngs)
+    self.k, self.slots_query = k, slots_query
 
-  def __call__(self, x_BxTxD, kv_BxSxE, mask_BxTxS):
-    return x_BxTxD + self.attn(self.norm(x_BxTxD), mask_BxTxS, kv_BxSxE=kv_BxSxE)
+  def __call__(self, x_BxLxD, kv_BxMxE, patch_ids_BxT):
+    q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = self.attn.project(self.norm(x_BxLxD), kv_BxMxE)
+    if self.slots_query:  # L = P * k slots, M = T bytes
+      B, L, H, K = q_BxLxHxK.shape
+      out_BxPxkxHxK = slots_attend_own_patch(q_BxLxHxK.reshape(B, L // self.k, self.k, H, K),
+                                             k_BxMxHxK, v_BxMxHxK, patch_ids_BxT)
+      out_BxLxHxK = out_BxPxkxHxK.reshape(B, L, H, K)
+    else:  # L = T bytes, M = P * k slots
+      B, M, H, K = k_BxMxHxK.shape
+      to_patches = lambda a: a.reshape(B, M // self.k, self.k, H, K)
+      out_BxLxHxK = bytes_attend_own_slots(q_BxLxHxK, to_patches(k_BxMxHxK),
+                                           to_patches(v_BxMxHxK), patch_ids_BxT)
+    return x_BxLxD + self.attn.output(out_BxLxHxK)
 
 
 class BLT(nnx.Module):
@@ -142,16 +184,20 @@ class BLT(nnx.Module):
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.hash_embed = (HashEmbed(cfg.hash_ngrams, cfg.hash_buckets, E, dtype=dtype, rngs=rngs)
                        if cfg.hash_ngrams else None)
-    self.encoder = layers.Transformer(E, cfg.enc_layers, cfg.enc_heads, **tf)
+    self.encoder = layers.Transformer(E, cfg.enc_layers, cfg.enc_heads, window=cfg.enc_window,
+                                      **tf)
     # Patch vectors: pooled encoder states -> k query slots of width G/k -> cross-attention.
     self.enc_slots = layers.dense(E, G, rngs=rngs, dtype=dtype)
-    self.enc_cross = CrossAttention(G // k, E, cfg.cross_heads, dtype=dtype, rngs=rngs)
+    self.enc_cross = CrossAttention(G // k, E, cfg.cross_heads, k, slots_query=True,
+                                    dtype=dtype, rngs=rngs)
     self.global_tf = layers.Transformer(G, cfg.global_layers, cfg.global_heads, **tf)
     # Decoder: bytes (from encoder states) cross-attend to the k slots of their patch.
     self.dec_slots = layers.dense(G, k * D, rngs=rngs, dtype=dtype)
     self.enc_to_dec = layers.dense(E, D, rngs=rngs, dtype=dtype) if E != D else None
-    self.dec_cross = CrossAttention(D, D, cfg.cross_heads, dtype=dtype, rngs=rngs)
-    self.decoder = layers.Transformer(D, cfg.dec_layers, cfg.dec_heads, **tf)
+    self.dec_cross = CrossAttention(D, D, cfg.cross_heads, k, slots_query=False, dtype=dtype,
+                                    rngs=rngs)
+    self.decoder = layers.Transformer(D, cfg.dec_layers, cfg.dec_heads, window=cfg.dec_window,
+                                      **tf)
     self.head = layers.dense(D, VOCAB_OUT, rngs=rngs, dtype=dtype)
 
   def embed_inputs(self, inputs_BxT):
@@ -174,22 +220,22 @@ class BLT(nnx.Module):
     ip_BxT = input_patch_ids(g_BxT)
 
     # Local encoder: windowed causal self-attention over bytes.
-    h_BxTxE = self.encoder(x_BxTxE, layers.causal_mask(T, cfg.enc_window or None)[None])
+    h_BxTxE = self.encoder(x_BxTxE)
 
     # Patch vectors: pool -> k slots -> each slot cross-attends to its own patch's bytes.
     pooled_BxPxE = pool_patches(h_BxTxE, ip_BxT, P, cfg.pooling)
     q_BxPkxS = self.enc_slots(pooled_BxPxE).reshape(B, P * k, -1)
-    q_BxPkxS = self.enc_cross(q_BxPkxS, h_BxTxE, encoder_cross_mask(ip_BxT, P, k))
+    q_BxPkxS = self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT)
     z_BxPxG = q_BxPkxS.reshape(B, P, -1)
 
     # Global transformer: causal over patches.
-    z_BxPxG = self.global_tf(z_BxPxG, layers.causal_mask(P)[None])
+    z_BxPxG = self.global_tf(z_BxPxG)
 
     # Local decoder: byte i reads the k slots of global patch g[i] (complete patches only).
     slots_BxPkxD = self.dec_slots(z_BxPxG).reshape(B, P * k, -1)
     d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
-    d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPkxD, decoder_cross_mask(g_BxT, P, k))
-    d_BxTxD = self.decoder(d_BxTxD, layers.causal_mask(T, cfg.dec_window or None)[None])
+    d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPkxD, g_BxT)
+    d_BxTxD = self.decoder(d_BxTxD)
     return self.head(d_BxTxD).astype(jnp.float32)
 
 

@@ -35,15 +35,12 @@ class ByteLM(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embed = nnx.Embed(VOCAB_IN, cfg.dim, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-    self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, mlp_ratio=cfg.mlp_ratio,
-                                    rope_theta=cfg.rope_theta, dtype=dtype, remat=cfg.remat,
-                                    rngs=rngs)
+    self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, window=cfg.window,
+                                    mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta,
+                                    dtype=dtype, remat=cfg.remat, rngs=rngs)
     self.head = layers.dense(cfg.dim, VOCAB_OUT, rngs=rngs, dtype=dtype)
 
   def __call__(self, inputs_BxT, patch_lengths_BxP=None):
     del patch_lengths_BxP  # a byte LM has no patches
-    T = inputs_BxT.shape[1]
-    x_BxTxD = self.embed(inputs_BxT)
-    mask_TxT = layers.causal_mask(T, self.cfg.window or None)
-    x_BxTxD = self.trunk(x_BxTxD, mask_TxT[None])
+    x_BxTxD = self.trunk(self.embed(inputs_BxT))
     return self.head(x_BxTxD).astype(jnp.float32)

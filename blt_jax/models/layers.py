@@ -35,13 +35,18 @@ def rope(x_BxTxHxK, positions_BxT, theta: float = 10000.0):
   return out.astype(x_BxTxHxK.dtype)
 
 
-def causal_mask(length: int, window: int | None = None):
-  """[T, T] bool: query t sees keys s <= t (and t - s < window when given)."""
-  t = jnp.arange(length)
-  mask_TxS = t[:, None] >= t[None, :]
+def causal_mask(length: int, window: int | None = None, *, kv_length: int | None = None):
+  """[T, S] bool: query t sees keys s <= t (and t - s < window when given). With
+  `kv_length` S > T, the queries are the last T of S positions."""
+  s = jnp.arange(kv_length or length)
+  t = s[-length:] if kv_length else s
+  mask_TxS = t[:, None] >= s[None, :]
   if window:
-    mask_TxS &= t[:, None] - t[None, :] < window
+    mask_TxS &= t[:, None] - s[None, :] < window
   return mask_TxS
+
+
+ATTENTION_CHUNK = 128  # queries per causal-attention chunk (see `causal_attention`)
 
 
 def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32, std: float | None = None):
@@ -50,30 +55,42 @@ def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32, std: float 
                     param_dtype=jnp.float32, rngs=rngs)
 
 
+def fused_dense(x_BxTxD, *linears: nnx.Linear):
+  """The outputs of several bias-free linears of the same input, concatenated on the last
+  axis, computed as one matmul (bigger and faster than one per linear)."""
+  kernel_DxN = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
+  return jnp.dot(x_BxTxD, kernel_DxN.astype(linears[0].dtype))
+
+
 class Attention(nnx.Module):
-  """Multi-head attention; self-attention by default, cross-attention when `kv` is given."""
+  """Multi-head attention: causal self-attention when called; `project` and `output` also
+  serve cross-attention (keys and values from `kv`, of width `kv_dim`)."""
 
   def __init__(self, dim: int, n_heads: int, *, kv_dim: int | None = None,
-               use_rope: bool = True, rope_theta: float = 10000.0,
+               use_rope: bool = True, rope_theta: float = 10000.0, window: int = 0,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % n_heads:
       raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
     kv_dim = kv_dim or dim
     self.n_heads, self.head_dim = n_heads, dim // n_heads
-    self.use_rope, self.rope_theta = use_rope, rope_theta
+    self.use_rope, self.rope_theta, self.window = use_rope, rope_theta, window
     self.q = dense(dim, dim, rngs=rngs, dtype=dtype)
     self.k = dense(kv_dim, dim, rngs=rngs, dtype=dtype)
     self.v = dense(kv_dim, dim, rngs=rngs, dtype=dtype)
     self.o = dense(dim, dim, rngs=rngs, dtype=dtype, std=dim ** -0.5 / 2)
 
-  def __call__(self, x_BxTxD, mask_BxTxS, *, kv_BxSxE=None, positions_BxT=None,
-               kv_positions_BxS=None):
+  def project(self, x_BxTxD, kv_BxSxE=None, positions_BxT=None, kv_positions_BxS=None):
+    """Heads q [B, T, H, K] and k, v [B, S, H, K] (RoPE applied to q and k when enabled)."""
     kv_BxSxE = x_BxTxD if kv_BxSxE is None else kv_BxSxE
     B, T, _ = x_BxTxD.shape
     S = kv_BxSxE.shape[1]
-    q_BxTxHxK = self.q(x_BxTxD).reshape(B, T, self.n_heads, self.head_dim)
-    k_BxSxHxK = self.k(kv_BxSxE).reshape(B, S, self.n_heads, self.head_dim)
-    v_BxSxHxK = self.v(kv_BxSxE).reshape(B, S, self.n_heads, self.head_dim)
+    heads = lambda a: a.reshape(*a.shape[:2], self.n_heads, self.head_dim)
+    if kv_BxSxE is x_BxTxD:  # self-attention: one matmul for q, k and v
+      q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(fused_dense(x_BxTxD, self.q, self.k, self.v), 3, -1)
+    else:
+      q_BxTxD, k_BxSxD, v_BxSxD = self.q(x_BxTxD), *jnp.split(
+          fused_dense(kv_BxSxE, self.k, self.v), 2, -1)
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = heads(q_BxTxD), heads(k_BxSxD), heads(v_BxSxD)
     if self.use_rope:
       if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -81,15 +98,51 @@ class Attention(nnx.Module):
         kv_positions_BxS = positions_BxT
       q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, self.rope_theta)
       k_BxSxHxK = rope(k_BxSxHxK, kv_positions_BxS, self.rope_theta)
-    logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
-                                preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-    mask_Bx1xTxS = jnp.broadcast_to(mask_BxTxS, (B, T, S))[:, None]
-    logits_BxHxTxS = jnp.where(mask_Bx1xTxS, logits_BxHxTxS, -1e30)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
-    # A query with no visible key (fully masked row) outputs zeros, not a uniform average.
-    probs_BxHxTxS = jnp.where(mask_Bx1xTxS, probs_BxHxTxS, 0.0).astype(v_BxSxHxK.dtype)
-    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+    return q_BxTxHxK, k_BxSxHxK, v_BxSxHxK
+
+  def output(self, out_BxTxHxK):
+    """The output projection of the concatenated heads."""
+    B, T = out_BxTxHxK.shape[:2]
     return self.o(out_BxTxHxK.reshape(B, T, self.n_heads * self.head_dim))
+
+  def __call__(self, x_BxTxD, positions_BxT=None):
+    """Causal self-attention (span `window` when set)."""
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = self.project(x_BxTxD, positions_BxT=positions_BxT)
+    return self.output(causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.window))
+
+
+def causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int = 0,
+                     chunk: int = ATTENTION_CHUNK):
+  """Causal self-attention computed per chunk of `chunk` queries, each against only the keys
+  it can see (its prefix, or the last `window` positions): the masked-out upper triangle
+  (and, with a window, the band's outside) is mostly never computed."""
+  T = q_BxTxHxK.shape[1]
+  outs = []
+  for start in range(0, T, chunk):
+    stop = min(start + chunk, T)
+    lo = max(0, start - window + 1) if window else 0
+    mask_CxS = causal_mask(stop - start, window, kv_length=stop - lo)
+    outs.append(masked_attention(q_BxTxHxK[:, start:stop], k_BxTxHxK[:, lo:stop],
+                                 v_BxTxHxK[:, lo:stop], mask_CxS))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def masked_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_TxS):
+  """Softmax attention where `mask` allows; every query must see at least one key.
+
+  The softmax is normalised after the weighted sum of values (on [B, T, H, K], not on the
+  [B, H, T, S] weights), which saves a pass over the weights forward and backward.
+  """
+  K = q_BxTxHxK.shape[-1]
+  logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK * K ** -0.5, k_BxSxHxK,
+                              preferred_element_type=jnp.float32)
+  logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, -jnp.inf)
+  top_BxHxTx1 = jax.lax.stop_gradient(jnp.max(logits_BxHxTxS, axis=-1, keepdims=True))
+  weights_BxHxTxS = jnp.exp(logits_BxHxTxS - top_BxHxTx1)
+  total_BxTxHx1 = jnp.sum(weights_BxHxTxS, axis=-1).transpose(0, 2, 1)[..., None]
+  out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK,
+                           preferred_element_type=jnp.float32)
+  return (out_BxTxHxK / total_BxTxHx1).astype(v_BxSxHxK.dtype)
 
 
 class SwiGLU(nnx.Module):
@@ -99,7 +152,8 @@ class SwiGLU(nnx.Module):
     self.down = dense(hidden, dim, rngs=rngs, dtype=dtype, std=hidden ** -0.5 / 2)
 
   def __call__(self, x_BxTxD):
-    return self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+    gate_BxTxF, up_BxTxF = jnp.split(fused_dense(x_BxTxD, self.gate, self.up), 2, -1)
+    return self.down(jax.nn.silu(gate_BxTxF) * up_BxTxF)
 
 
 def mlp_hidden(dim: int, mlp_ratio: float) -> int:
@@ -109,39 +163,40 @@ def mlp_hidden(dim: int, mlp_ratio: float) -> int:
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: attention then SwiGLU, each with a residual."""
+  """Pre-norm transformer block: causal attention then SwiGLU, each with a residual."""
 
-  def __init__(self, dim: int, n_heads: int, *, mlp_ratio: float = 4.0,
+  def __init__(self, dim: int, n_heads: int, *, window: int = 0, mlp_ratio: float = 4.0,
                rope_theta: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(dim, rngs=rngs)
-    self.attn = Attention(dim, n_heads, rope_theta=rope_theta, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, n_heads, rope_theta=rope_theta, window=window, dtype=dtype,
+                          rngs=rngs)
     self.mlp_norm = RMSNorm(dim, rngs=rngs)
     self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT=None):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), mask_BxTxS,
-                                  positions_BxT=positions_BxT)
+  def __call__(self, x_BxTxD, positions_BxT=None):
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
 class Transformer(nnx.Module):
-  """A stack of blocks sharing one mask, followed by a final norm.
+  """A stack of causal blocks (attention span `window`; 0 = full), then a final norm.
 
   With `remat`, each block's activations are recomputed in the backward pass instead of
   kept (less memory, about a third more compute).
   """
 
-  def __init__(self, dim: int, n_layers: int, n_heads: int, *, mlp_ratio: float = 4.0,
-               rope_theta: float = 10000.0, dtype=jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, n_layers: int, n_heads: int, *, window: int = 0,
+               mlp_ratio: float = 4.0, rope_theta: float = 10000.0, dtype=jnp.float32,
+               remat: bool = False, rngs: nnx.Rngs):
     self.remat = remat
     self.blocks = nnx.List([
-        Block(dim, n_heads, mlp_ratio=mlp_ratio, rope_theta=rope_theta, dtype=dtype, rngs=rngs)
+        Block(dim, n_heads, window=window, mlp_ratio=mlp_ratio, rope_theta=rope_theta,
+              dtype=dtype, rngs=rngs)
         for _ in range(n_layers)])
     self.norm = RMSNorm(dim, rngs=rngs)
 
-  def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT=None):
+  def __call__(self, x_BxTxD, positions_BxT=None):
     apply_block = nnx.remat(Block.__call__) if self.remat else Block.__call__
     for block in self.blocks:
-      x_BxTxD = apply_block(block, x_BxTxD, mask_BxTxS, positions_BxT)
+      x_BxTxD = apply_block(block, x_BxTxD, positions_BxT)
     return self.norm(x_BxTxD)

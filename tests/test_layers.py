@@ -1,0 +1,64 @@
+"""Shared layers: chunked causal attention and fused projections against plain references."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from blt_jax.models import layers
+
+
+def dense_causal_attention(q, k, v, window):
+  """The textbook version: full [T, T] scores, mask, softmax, weighted sum."""
+  T, D = q.shape[1], q.shape[-1]
+  t = np.arange(T)
+  mask = (t[:, None] >= t[None, :]) & ((t[:, None] - t[None, :] < window) if window else True)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
+  return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(jnp.where(mask, logits, -1e30)), v)
+
+
+@pytest.mark.parametrize("T,window,chunk", [
+    (40, 0, 16),     # full causal, last chunk short
+    (40, 7, 16),     # window shorter than a chunk
+    (33, 20, 8),     # window spanning several chunks
+    (16, 0, 128),    # one chunk
+])
+def test_chunked_causal_attention_matches_dense(T, window, chunk):
+  rng = np.random.default_rng(T + window)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, T, 2, 8)).astype(np.float32)) for _ in range(3))
+  w = jnp.asarray(rng.normal(size=(2, T, 2, 8)).astype(np.float32))
+  got = layers.causal_attention(q, k, v, window, chunk)
+  np.testing.assert_allclose(got, dense_causal_attention(q, k, v, window), atol=1e-5)
+  loss = lambda fn: lambda q, k, v: (fn(q, k, v) * w).sum()
+  grads = jax.grad(loss(lambda *a: layers.causal_attention(*a, window, chunk)), (0, 1, 2))
+  want = jax.grad(loss(lambda *a: dense_causal_attention(*a, window)), (0, 1, 2))
+  for a, b in zip(grads(q, k, v), want(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_attention_reads_only_its_causal_window(window):
+  """Output t depends on input s iff s <= t (and t - s < window), across chunk borders."""
+  T = 2 * layers.ATTENTION_CHUNK + 3
+  attn = layers.Attention(16, 2, window=window, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, T, 16)).astype(np.float32))
+  for t in (0, layers.ATTENTION_CHUNK - 1, layers.ATTENTION_CHUNK, T - 1):
+    grad = np.abs(np.asarray(jax.grad(lambda x: attn(x)[0, t].sum())(x)[0])).max(-1)
+    lo = max(0, t - window + 1) if window else 0
+    assert (grad[t + 1:] == 0).all() and (grad[:lo] == 0).all()
+    assert (grad[lo:t + 1] > 0).all()
+
+
+def test_fused_projections_equal_separate_linears():
+  attn = layers.Attention(16, 2, kv_dim=12, use_rope=False, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 16)).astype(np.float32))
+  kv = jnp.asarray(rng.normal(size=(2, 7, 12)).astype(np.float32))
+  q, k, v = attn.project(x, kv)
+  np.testing.assert_allclose(q.reshape(2, 5, 16), attn.q(x), atol=1e-5)
+  np.testing.assert_allclose(k.reshape(2, 7, 16), attn.k(kv), atol=1e-5)
+  np.testing.assert_allclose(v.reshape(2, 7, 16), attn.v(kv), atol=1e-5)
+  mlp = layers.SwiGLU(16, 24, rngs=nnx.Rngs(1))
+  np.testing.assert_allclose(mlp(x), mlp.down(jax.nn.silu(mlp.gate(x)) * mlp.up(x)), atol=1e-5)
