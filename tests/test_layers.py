@@ -51,14 +51,20 @@ def test_attention_reads_only_its_causal_window(window):
     assert (grad[lo:t + 1] > 0).all()
 
 
-def test_fused_projections_equal_separate_linears():
-  attn = layers.Attention(16, 2, kv_dim=12, use_rope=False, rngs=nnx.Rngs(0))
+def test_attention_projections_split_heads():
+  """q, k and v come from the fused projections' column blocks, in that order."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 5, 16)).astype(np.float32))
   kv = jnp.asarray(rng.normal(size=(2, 7, 12)).astype(np.float32))
-  q, k, v = attn.project(x, kv)
-  np.testing.assert_allclose(q.reshape(2, 5, 16), attn.q(x), atol=1e-5)
-  np.testing.assert_allclose(k.reshape(2, 7, 16), attn.k(kv), atol=1e-5)
-  np.testing.assert_allclose(v.reshape(2, 7, 16), attn.v(kv), atol=1e-5)
-  mlp = layers.SwiGLU(16, 24, rngs=nnx.Rngs(1))
-  np.testing.assert_allclose(mlp(x), mlp.down(jax.nn.silu(mlp.gate(x)) * mlp.up(x)), atol=1e-5)
+  cross = layers.Attention(16, 2, kv_dim=12, use_rope=False, rngs=nnx.Rngs(0))
+  q, k, v = cross.project(x, kv)
+  kernel = np.asarray(cross.kv.kernel[...])
+  np.testing.assert_allclose(q.reshape(2, 5, 16), x @ np.asarray(cross.q.kernel[...]), atol=1e-5)
+  np.testing.assert_allclose(k.reshape(2, 7, 16), kv @ kernel[:, :16], atol=1e-5)
+  np.testing.assert_allclose(v.reshape(2, 7, 16), kv @ kernel[:, 16:], atol=1e-5)
+  self_attn = layers.Attention(16, 2, use_rope=False, rngs=nnx.Rngs(0))
+  q, k, v = self_attn.project(x)
+  kernel = np.asarray(self_attn.qkv.kernel[...])
+  for i, part in enumerate((q, k, v)):
+    np.testing.assert_allclose(part.reshape(2, 5, 16), x @ kernel[:, 16 * i:16 * (i + 1)],
+                               atol=1e-5)

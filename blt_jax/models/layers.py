@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -24,12 +25,18 @@ class RMSNorm(nnx.Module):
     return (x32 * self.scale[...]).astype(x.dtype)
 
 
-def rope(x_BxTxHxK, positions_BxT, theta: float = 10000.0):
-  """Rotary position embedding (half-split convention)."""
-  half = x_BxTxHxK.shape[-1] // 2
-  freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTx1xK2 = positions_BxT[..., None, None].astype(jnp.float32) * freq_K2
-  sin, cos = jnp.sin(angle_BxTx1xK2), jnp.cos(angle_BxTx1xK2)
+def rope(x_BxTxHxK, positions_BxT=None, theta: float = 10000.0):
+  """Rotary position embedding (half-split convention). Without `positions`, position t is
+  t and the sin/cos tables are compile-time constants (not recomputed per head and layer)."""
+  T, half = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1] // 2
+  if positions_BxT is None:
+    freq_K2 = theta ** (-np.arange(half, dtype=np.float32) / np.float32(half))
+    angle_Tx1xK2 = np.arange(T, dtype=np.float32)[:, None, None] * freq_K2
+    sin, cos = np.sin(angle_Tx1xK2), np.cos(angle_Tx1xK2)
+  else:
+    freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxTx1xK2 = positions_BxT[..., None, None].astype(jnp.float32) * freq_K2
+    sin, cos = jnp.sin(angle_BxTx1xK2), jnp.cos(angle_BxTx1xK2)
   x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxK.dtype)
@@ -55,49 +62,38 @@ def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32, std: float 
                     param_dtype=jnp.float32, rngs=rngs)
 
 
-def fused_dense(x_BxTxD, *linears: nnx.Linear):
-  """The outputs of several bias-free linears of the same input, concatenated on the last
-  axis, computed as one matmul (bigger and faster than one per linear)."""
-  kernel_DxN = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
-  return jnp.dot(x_BxTxD, kernel_DxN.astype(linears[0].dtype))
-
-
 class Attention(nnx.Module):
-  """Multi-head attention: causal self-attention when called; `project` and `output` also
-  serve cross-attention (keys and values from `kv`, of width `kv_dim`)."""
+  """Multi-head attention. Self-attention (no `kv_dim`): one fused q|k|v projection, causal
+  when called. Cross-attention (`kv_dim`): a q projection and a fused k|v projection of the
+  other sequence, through `project` and `output`. Fused projections run as one matmul each
+  (bigger and faster than one per head group)."""
 
   def __init__(self, dim: int, n_heads: int, *, kv_dim: int | None = None,
                use_rope: bool = True, rope_theta: float = 10000.0, window: int = 0,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % n_heads:
       raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
-    kv_dim = kv_dim or dim
     self.n_heads, self.head_dim = n_heads, dim // n_heads
     self.use_rope, self.rope_theta, self.window = use_rope, rope_theta, window
-    self.q = dense(dim, dim, rngs=rngs, dtype=dtype)
-    self.k = dense(kv_dim, dim, rngs=rngs, dtype=dtype)
-    self.v = dense(kv_dim, dim, rngs=rngs, dtype=dtype)
+    if kv_dim is None:
+      self.qkv = dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
+    else:
+      self.q = dense(dim, dim, rngs=rngs, dtype=dtype)
+      self.kv = dense(kv_dim, 2 * dim, rngs=rngs, dtype=dtype)
     self.o = dense(dim, dim, rngs=rngs, dtype=dtype, std=dim ** -0.5 / 2)
 
-  def project(self, x_BxTxD, kv_BxSxE=None, positions_BxT=None, kv_positions_BxS=None):
-    """Heads q [B, T, H, K] and k, v [B, S, H, K] (RoPE applied to q and k when enabled)."""
-    kv_BxSxE = x_BxTxD if kv_BxSxE is None else kv_BxSxE
-    B, T, _ = x_BxTxD.shape
-    S = kv_BxSxE.shape[1]
+  def project(self, x_BxTxD, kv_BxSxE=None, positions_BxT=None):
+    """Heads q [B, T, H, K] and k, v [B, S, H, K] (S = T for self-attention); with RoPE,
+    q and k are rotated by `positions` (default 0 .. T-1)."""
     heads = lambda a: a.reshape(*a.shape[:2], self.n_heads, self.head_dim)
-    if kv_BxSxE is x_BxTxD:  # self-attention: one matmul for q, k and v
-      q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(fused_dense(x_BxTxD, self.q, self.k, self.v), 3, -1)
+    if kv_BxSxE is None:
+      q_BxTxD, k_BxSxD, v_BxSxD = jnp.split(self.qkv(x_BxTxD), 3, axis=-1)
     else:
-      q_BxTxD, k_BxSxD, v_BxSxD = self.q(x_BxTxD), *jnp.split(
-          fused_dense(kv_BxSxE, self.k, self.v), 2, -1)
+      q_BxTxD, (k_BxSxD, v_BxSxD) = self.q(x_BxTxD), jnp.split(self.kv(kv_BxSxE), 2, axis=-1)
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = heads(q_BxTxD), heads(k_BxSxD), heads(v_BxSxD)
     if self.use_rope:
-      if positions_BxT is None:
-        positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
-      if kv_positions_BxS is None:
-        kv_positions_BxS = positions_BxT
       q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, self.rope_theta)
-      k_BxSxHxK = rope(k_BxSxHxK, kv_positions_BxS, self.rope_theta)
+      k_BxSxHxK = rope(k_BxSxHxK, positions_BxT, self.rope_theta)
     return q_BxTxHxK, k_BxSxHxK, v_BxSxHxK
 
   def output(self, out_BxTxHxK):
@@ -115,44 +111,47 @@ def causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int = 0,
                      chunk: int = ATTENTION_CHUNK):
   """Causal self-attention computed per chunk of `chunk` queries, each against only the keys
   it can see (its prefix, or the last `window` positions): the masked-out upper triangle
-  (and, with a window, the band's outside) is mostly never computed."""
-  T = q_BxTxHxK.shape[1]
+  (and, with a window, the band's outside) is mostly never computed. Heads move in front
+  once, so the chunks slice contiguous rows."""
+  T, K = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
+  heads_first = lambda a: a.transpose(0, 2, 1, 3)
+  q_BxHxTxK = heads_first(q_BxTxHxK * jnp.asarray(K ** -0.5, q_BxTxHxK.dtype))
+  k_BxHxTxK, v_BxHxTxK = heads_first(k_BxTxHxK), heads_first(v_BxTxHxK)
   outs = []
   for start in range(0, T, chunk):
     stop = min(start + chunk, T)
     lo = max(0, start - window + 1) if window else 0
     mask_CxS = causal_mask(stop - start, window, kv_length=stop - lo)
-    outs.append(masked_attention(q_BxTxHxK[:, start:stop], k_BxTxHxK[:, lo:stop],
-                                 v_BxTxHxK[:, lo:stop], mask_CxS))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    outs.append(masked_attention(q_BxHxTxK[:, :, start:stop], k_BxHxTxK[:, :, lo:stop],
+                                 v_BxHxTxK[:, :, lo:stop], mask_CxS))
+  out_BxHxTxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return heads_first(out_BxHxTxK)
 
 
-def masked_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_TxS):
-  """Softmax attention where `mask` allows; every query must see at least one key.
-
-  The softmax is normalised after the weighted sum of values (on [B, T, H, K], not on the
-  [B, H, T, S] weights), which saves a pass over the weights forward and backward.
-  """
-  K = q_BxTxHxK.shape[-1]
-  logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK * K ** -0.5, k_BxSxHxK,
+def masked_attention(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_TxS):
+  """Softmax attention (q already scaled) where `mask` allows; every query must see at least
+  one key. The softmax is normalised after the weighted sum of values (on [B, H, T, K], not
+  on the [B, H, T, S] weights), which saves a pass over the weights forward and backward."""
+  logits_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK,
                               preferred_element_type=jnp.float32)
   logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, -jnp.inf)
   top_BxHxTx1 = jax.lax.stop_gradient(jnp.max(logits_BxHxTxS, axis=-1, keepdims=True))
   weights_BxHxTxS = jnp.exp(logits_BxHxTxS - top_BxHxTx1)
-  total_BxTxHx1 = jnp.sum(weights_BxHxTxS, axis=-1).transpose(0, 2, 1)[..., None]
-  out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK,
-                           preferred_element_type=jnp.float32)
-  return (out_BxTxHxK / total_BxTxHx1).astype(v_BxSxHxK.dtype)
+  total_BxHxTx1 = jnp.sum(weights_BxHxTxS, axis=-1, keepdims=True)
+  out_BxHxTxK = jnp.einsum("bhts,bhsk->bhtk", weights_BxHxTxS.astype(v_BxHxSxK.dtype),
+                           v_BxHxSxK, preferred_element_type=jnp.float32)
+  return (out_BxHxTxK / total_BxHxTx1).astype(v_BxHxSxK.dtype)
 
 
 class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
   def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.gate = dense(dim, hidden, rngs=rngs, dtype=dtype)
-    self.up = dense(dim, hidden, rngs=rngs, dtype=dtype)
+    self.gate_up = dense(dim, 2 * hidden, rngs=rngs, dtype=dtype)
     self.down = dense(hidden, dim, rngs=rngs, dtype=dtype, std=hidden ** -0.5 / 2)
 
   def __call__(self, x_BxTxD):
-    gate_BxTxF, up_BxTxF = jnp.split(fused_dense(x_BxTxD, self.gate, self.up), 2, -1)
+    gate_BxTxF, up_BxTxF = jnp.split(self.gate_up(x_BxTxD), 2, axis=-1)
     return self.down(jax.nn.silu(gate_BxTxF) * up_BxTxF)
 
 
