@@ -66,6 +66,9 @@ class Checkpointer:
     With `step=None`, the latest readable step: a damaged or partial checkpoint is moved
     aside (to `damaged-<step>`) with a warning, and the previous one is tried.
     """
+    if data_iter is not None:
+      self._check_process_count(step if step is not None else self.latest_step())
+
     def read(s):
       items = {"state": ocp.args.StandardRestore(abstract_state),
                "config": ocp.args.JsonRestore()}
@@ -74,6 +77,18 @@ class Checkpointer:
       restored = self.manager.restore(s, args=ocp.args.Composite(**items))
       return restored["state"], restored["config"], s
     return self._first_readable(step, read)
+
+  def _check_process_count(self, step: int | None):
+    """The data position is saved per process (grain writes process_<i>-of-<n>.json): a run
+    resumes only with the process count that saved it. Said in one line, before the
+    mismatch could pass for a damaged checkpoint and be moved aside."""
+    files = list((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+    counts = {int(count) for count in (f.stem.rsplit("-of-", 1)[-1] for f in files)
+              if count.isdigit()}
+    if counts and jax.process_count() not in counts:
+      raise UserError(f"checkpoint at step {step} in {self.directory.parent} was saved by "
+                      f"{max(counts)} process(es); resume it with that many (this run has "
+                      f"{jax.process_count()})")
 
   def read_config(self, step: int | None = None) -> tuple[dict, int]:
     """The config saved with a checkpoint (latest readable by default), and its step."""

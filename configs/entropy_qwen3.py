@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.model.rope_theta = 1000000.0
   c.model.tie_word_embeddings = True
   c.model.dtype = "bfloat16" if size == "gpu" else "float32"
+  c.model.remat = False          # recompute each layer in the backward pass (saves memory)
   if size == "gpu":              # fine-tuning a pretrained model: gentler schedule
     c.train.lr = 1e-4
     c.train.batch_size = 16

@@ -84,8 +84,8 @@ def main(root: Path):
   out["restore"] = {
       "max_abs_diff": max(float(np.max(np.abs(np.asarray(on8[k]) - np.asarray(on1[k]))))
                       for k in on8),
-      "largest": name, "spec": str(on8[name].sharding.spec),
-      "shard_rows": on8[name].addressable_shards[0].data.shape,
+      "largest": name, "spec": [str(a) for a in on8[name].sharding.spec],
+      "shard_shape": on8[name].addressable_shards[0].data.shape,
       "shape": on8[name].shape}
 
   errors = {}

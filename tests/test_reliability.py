@@ -68,6 +68,22 @@ def test_damaged_latest_checkpoint_falls_back(unbroken, tmp_path):
   assert all(line.startswith("warning: checkpoint at step") for line in lines[:-1])
 
 
+def test_resume_with_another_process_count_is_refused_and_keeps_the_checkpoint(unbroken,
+                                                                              tmp_path):
+  workdir = tmp_path / "run"
+  subprocess.run(["cp", "-r", str(unbroken), str(workdir)], check=True)
+  data_dir = workdir / "checkpoints" / "30" / "data"
+  saved = data_dir / "process_0-of-1.json"
+  assert saved.is_file()  # grain's per-process data position
+  saved.rename(data_dir / "process_0-of-2.json")  # as if two processes had saved it
+  result = launch(*TINY, f"--workdir={workdir}", "--config.train.steps=35")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: checkpoint at step 30 in {workdir} was saved by 2 process(es); resume it "
+      "with that many (this run has 1)")
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "25", "30"]
+
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   assert launch(*TINY, "--config.train.stop_at=10", f"--workdir={workdir}").returncode == 0

@@ -39,6 +39,7 @@ class Qwen3Config:
   attention_bias: bool = False
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"  # parameter dtype
+  remat: bool = False           # recompute each layer's activations in the backward pass
 
   @classmethod
   def from_hf(cls, hf: dict, **overrides) -> Qwen3Config:
@@ -58,7 +59,8 @@ class Qwen3Config:
     hf = dict(hf)
     if hf.get("head_dim") is None and "hidden_size" in hf and "num_attention_heads" in hf:
       hf["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
-    names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "rope_theta"}
+    names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "rope_theta",
+                                                         "remat"}
     optional = ("attention_bias", "tie_word_embeddings")
     missing = sorted(n for n in names if n not in hf and n not in optional)
     if missing:
@@ -164,8 +166,9 @@ class Qwen3(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask_TxS = layers.causal_mask(T)
     x_BxTxD = self.embed_tokens(ids_BxT)
+    apply_layer = nnx.remat(Qwen3Layer.__call__) if self.cfg.remat else Qwen3Layer.__call__
     for layer in self.layers:
-      x_BxTxD = layer(x_BxTxD, mask_TxS, positions_BxT)
+      x_BxTxD = apply_layer(layer, x_BxTxD, mask_TxS, positions_BxT)
     return self.norm(x_BxTxD)
 
   def __call__(self, ids_BxT, patch_lengths_BxP=None):
@@ -370,6 +373,7 @@ class ByteQwen3Config:
   rope_theta: float = 1000000.0
   tie_word_embeddings: bool = True
   dtype: str = "float32"     # compute dtype; parameters stay float32
+  remat: bool = False        # recompute each layer's activations in the backward pass
 
 
 class ByteQwen3(nnx.Module):
@@ -393,7 +397,7 @@ class ByteQwen3(nnx.Module):
       if name in tensors:
         tensors[name] = np.asarray(tensors[name])[ids]
     hf = {**hf, "vocab_size": BYTE_VOCAB_IN, "tie_word_embeddings": tied}
-    lm_cfg = Qwen3Config.from_hf(hf, dtype=cfg.dtype, param_dtype="float32")
+    lm_cfg = Qwen3Config.from_hf(hf, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat)
     self.lm = nnx.eval_shape(lambda: Qwen3(lm_cfg, rngs=nnx.Rngs(0)))
     load_weights(self.lm, tensors, source=cfg.path)
 
