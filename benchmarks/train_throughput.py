@@ -17,10 +17,10 @@ blt_jax/train.py (AdamW, donated state, data-parallel over every local device) o
 fixed device-resident batch of random bytes, so input pipelines are not timed. Timing:
 the best of --rounds windows of --steps steps after two warm-up steps. MFU = analytic model
 FLOPs per byte x bytes/s / peak, where peak is the best FLOP/s of a large square matmul in
-the models' compute dtype (times the number of accelerators), timed before and after the
-rows (the better of the two counts). "Executed" GFLOP/s is what XLA's cost analysis says the
-compiled step runs (padded patch slots, the masked parts of attention blocks), for
-comparison. Memory: XLA's buffer sizes for one compiled step per device (arguments,
+the models' compute dtype (times the number of accelerators), timed at the start, next to
+each row and at the end (the best of these counts). "Executed" GFLOP/s is what XLA's cost
+analysis says the compiled step runs (padded patch slots, the masked parts of attention
+blocks), for comparison. Memory: XLA's buffer sizes for one compiled step per device (arguments,
 outputs and temporaries, less donated aliases), the process's peak RSS so far, and on
 accelerators the device's peak bytes in use so far.
 """
@@ -97,7 +97,7 @@ def synthetic_batch(B: int, T: int, rng, max_patches: int | None, patch_size: fl
   return batch, mean_patch
 
 
-def measure(name: str, kind: str, fields: dict, B: int, T: int, args, peak: float,
+def measure(name: str, kind: str, fields: dict, B: int, T: int, args, timed_peak,
             patch_size: float = 0.0, static: bool = False) -> dict:
   cfg = models.config_for(kind, fields)
   batch_np, mean_patch = synthetic_batch(B, T, np.random.default_rng(0),
@@ -127,6 +127,7 @@ def measure(name: str, kind: str, fields: dict, B: int, T: int, args, peak: floa
   for _ in range(2):
     state, m = step(state, batch)
   jax.block_until_ready(m)
+  timed_peak()  # the device's peak, timed next to this row
   best = float("inf")
   for _ in range(args.rounds):
     t0 = time.perf_counter()
@@ -137,7 +138,7 @@ def measure(name: str, kind: str, fields: dict, B: int, T: int, args, peak: floa
   bytes_s = B * T / best
   row = dict(name=name, params=n_params, batch=f"{B}x{T}", mean_patch=mean_patch,
              mflop_per_byte=fpb / 1e6, step_s=best, bytes_s=bytes_s,
-             gflop_s=fpb * bytes_s / 1e9, mfu=fpb * bytes_s / peak,
+             gflop_s=fpb * bytes_s / 1e9,
              xla_gflop_s=cost.get("flops", float("nan")) * mesh.size / best / 1e9,
              step_mib=None if step_bytes is None else step_bytes / 2 ** 20,
              rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -175,40 +176,47 @@ def main():
   dtype = jnp.dtype(patch3.model.dtype)
   on_cpu = jax.default_backend() == "cpu"
   n = args.matmul or (2048 if on_cpu else 8192)
-  peak = matmul_peak(dtype, n)
   # Accelerators: the peak of one times their number. CPU: one matmul already uses every
   # core (simulated CPU devices share them).
-  total = peak if on_cpu else peak * jax.device_count()
+  scale = 1 if on_cpu else jax.device_count()
+  peaks = []
+
+  def timed_peak():
+    peaks.append(matmul_peak(dtype, n) * scale)
+    return peaks[-1]
+
+  timed_peak()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}); compute dtype {dtype.name}; peak {n}^3 matmul "
-        f"{peak / 1e9:.1f} GFLOP/s per device, {total / 1e9:.1f} in all", flush=True)
-  peak = total
+        f"{peaks[0] / scale / 1e9:.1f} GFLOP/s per device, {peaks[0] / 1e9:.1f} in all",
+        flush=True)
 
   template = {k: v for k, v in baseline.model.to_dict().items() if k != "kind"}
   rows = {}
   if args.only in ("", "patch3"):
     fields = {k: v for k, v in patch3.model.to_dict().items() if k != "kind"}
     B, T = patch3.train.batch_size, patch3.data.seq_len
-    rows["patch3"] = measure(f"blt patch3 ({args.size})", "blt", fields, B, T, args, peak,
-                             patch_size=3.0)
+    rows["patch3"] = measure(f"blt patch3 ({args.size})", "blt", fields, B, T, args,
+                             timed_peak, patch_size=3.0)
     base = matched_baseline(rows["patch3"]["mflop_per_byte"] * 1e6, T, template)
     rows["patch3_base"] = measure(f"baseline d{base['dim']}x{base['n_layers']}", "byte_lm",
-                                  base, B, T, args, peak)
+                                  base, B, T, args, timed_peak)
   if args.only in ("", "reference"):
     fields = {**REFERENCE, "dtype": dtype.name}
     B, T = REFERENCE_BATCH, REFERENCE_SEQ
-    rows["ref"] = measure("blt reference", "blt", fields, B, T, args, peak,
+    rows["ref"] = measure("blt reference", "blt", fields, B, T, args, timed_peak,
                           patch_size=REFERENCE_PATCH, static=True)
     base = matched_baseline(rows["ref"]["mflop_per_byte"] * 1e6, T,
                             {**template, "n_layers": 4, "n_heads": 4, "dtype": dtype.name})
     rows["ref_base"] = measure(f"baseline d{base['dim']}x{base['n_layers']} (ref)", "byte_lm",
-                               base, B, T, args, peak)
-  # The peak is timed again after the rows and the better of the two counts: on a shared
-  # host one timing can land in a slow moment, and a low peak would flatter the MFU.
-  again = matmul_peak(dtype, n) * (1 if on_cpu else jax.device_count())
-  peak = max(peak, again)
-  print(f"peak {n}^3 matmul again after the rows: {again / 1e9:.1f} GFLOP/s; MFU against "
-        f"{peak / 1e9:.1f}:")
+                               base, B, T, args, timed_peak)
+  # The peak is timed at the start, next to every row and at the end; the best of these
+  # counts. On a shared host one timing can land in a slow moment, and a low peak would
+  # flatter the MFU.
+  timed_peak()
+  peak = max(peaks)
+  print(f"peak {n}^3 matmul timings (GFLOP/s): "
+        f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)}; MFU against the best, {peak / 1e9:.1f}:")
   for row in rows.values():
     row["mfu"] = row["gflop_s"] * 1e9 / peak
     print(f"  {row['name']:<28} MFU {row['mfu']:.3f}")

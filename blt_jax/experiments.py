@@ -106,7 +106,7 @@ def variant_config(sweep: ml_collections.ConfigDict, run: dict,
 
 def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
   """XLA's HLO cost analysis of one whole train step (forward, backward, optimizer),
-  per byte position of the batch: the FLOPs executed, masked attention scores and every
+  per byte position of the batch: the FLOPs executed, masked parts of attention blocks and every
   patch slot included, unlike the analytic model FLOPs of `models.flops`."""
   from flax import nnx
   from blt_jax import train as train_lib
