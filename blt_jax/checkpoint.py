@@ -66,6 +66,7 @@ class Checkpointer:
     With `step=None`, the latest readable step: a damaged or partial checkpoint is moved
     aside (to `damaged-<step>`) with a warning, and the previous one is tried.
     """
+    self._check_layout(step if step is not None else self.latest_step(), abstract_state)
     if data_iter is not None:
       self._check_process_count(step if step is not None else self.latest_step())
 
@@ -77,6 +78,28 @@ class Checkpointer:
       restored = self.manager.restore(s, args=ocp.args.Composite(**items))
       return restored["state"], restored["config"], s
     return self._first_readable(step, read)
+
+  def _check_layout(self, step: int | None, abstract_state):
+    """A checkpoint of another parameter layout (written by another version of the code) is
+    refused in one line, before the mismatch could pass for damage and be moved aside."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns about a missing optional metadata file
+    try:
+      saved = _leaf_paths(ocp.StandardCheckpointer().metadata(
+          self.directory / str(step) / "state").item_metadata)
+    except Exception:  # unreadable: the damage handling of `_first_readable` decides
+      return
+    finally:
+      absl_logger.setLevel(level)
+    wanted = _leaf_paths(abstract_state)
+    if saved and saved != wanted:
+      example = sorted(wanted - saved)[:1] or sorted(saved - wanted)[:1]
+      where = "not in the checkpoint" if wanted - saved else "in the checkpoint only"
+      raise UserError(f"checkpoint at step {step} in {self.directory.parent} has another "
+                      f"parameter layout than this code builds ({example[0]} is {where}); it "
+                      "was written by another version of blt-jax: restore it with that "
+                      "version, or retrain")
 
   def _check_process_count(self, step: int | None):
     """The data position is saved per process (grain writes process_<i>-of-<n>.json): a run
@@ -142,6 +165,12 @@ def read_config(workdir: str | Path, step: int | None = None) -> tuple[dict, int
     return ckpt.read_config(step)
   finally:
     ckpt.close()
+
+
+def _leaf_paths(tree) -> set[str]:
+  """'0/trunk/blocks/0/attn/qkv/kernel'-style paths of a tree's leaves."""
+  return {"/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _first_line(error: BaseException) -> str:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import blt_jax
-from blt_jax import data
+from blt_jax import checkpoint, data
+from blt_jax.errors import UserError
 from tests.conftest import ROOT, launch
 
 TINY = ["--config=configs/entropy_model.py:size=tiny", "--config.train.steps=30",
@@ -151,3 +152,23 @@ def test_interrupted_corpus_build_leaves_nothing_trusted(tmp_path, monkeypatch):
   assert not any(".tmp-" in p.name for p in corpora.iterdir())
   corpus = data.prepare(str(tmp_path / "c"))
   assert corpus.doc(0) == b"some text " * 50
+
+
+def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
+  """E.g. separate q/k/v kernels written by an older version, restored into fused qkv."""
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  old = {"attn": {"q": {"kernel": np.ones((4, 4), np.float32)},
+                  "k": {"kernel": np.ones((4, 4), np.float32)}}}
+  ckpt.save(3, old, config={"model": {}})
+  ckpt.wait()
+  new = {"attn": {"qk": {"kernel": np.ones((4, 8), np.float32)}}}
+  with pytest.raises(UserError) as error:
+    ckpt.restore(None, checkpoint.abstract(new))
+  assert str(error.value) == (
+      f"checkpoint at step 3 in {tmp_path} has another parameter layout than this code builds "
+      "(attn/qk/kernel is not in the checkpoint); it was written by another version of "
+      "blt-jax: restore it with that version, or retrain")
+  assert ckpt.all_steps() == [3] and (tmp_path / "checkpoints" / "3").is_dir()  # not moved
+  restored, _, step = ckpt.restore(None, checkpoint.abstract(old))  # its own layout still loads
+  assert step == 3 and restored["attn"]["q"]["kernel"].shape == (4, 4)
+  ckpt.close()
