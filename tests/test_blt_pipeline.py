@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 import blt_jax
-from blt_jax import data, entropy, patching, pipeline
+from blt_jax import data, entropy
 from tests.conftest import launch
 
 TEXT = (b"import os\n\ndef walk(top):\n    for name in os.listdir(top):\n"

@@ -6,7 +6,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import blt_jax
 from blt_jax import data, models

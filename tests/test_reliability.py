@@ -1,7 +1,6 @@
 """Losing nothing: kill -9 and resume, damaged checkpoints, divergence, atomic caches."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
