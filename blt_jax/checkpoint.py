@@ -66,9 +66,10 @@ class Checkpointer:
     With `step=None`, the latest readable step: a damaged or partial checkpoint is moved
     aside (to `damaged-<step>`) with a warning, and the previous one is tried.
     """
-    self._check_layout(step if step is not None else self.latest_step(), abstract_state)
+    first = step if step is not None else self.latest_step()
+    self._check_layout(first, abstract_state)
     if data_iter is not None:
-      self._check_process_count(step if step is not None else self.latest_step())
+      self._check_process_count(first)
 
     def read(s):
       items = {"state": ocp.args.StandardRestore(abstract_state),
