@@ -20,9 +20,11 @@ FLOPs per byte x bytes/s / peak, where peak is the best FLOP/s of a large square
 the models' compute dtype (times the number of accelerators), timed at the start, next to
 each row and at the end (the best of these counts). "Executed" GFLOP/s is what XLA's cost
 analysis says the compiled step runs (padded patch slots, the masked parts of attention
-blocks), for comparison. Memory: XLA's buffer sizes for one compiled step per device (arguments,
-outputs and temporaries, less donated aliases), the process's peak RSS so far, and on
-accelerators the device's peak bytes in use so far.
+blocks), for comparison; for a BLT whose global transformer runs on packed slots
+(`model.global_capacity`; the row says "packed"), XLA counts the unpacked branch of the
+step, which the packed branch replaces with fewer FLOPs. Memory: XLA's buffer sizes for
+one compiled step per device (arguments, outputs and temporaries, less donated aliases),
+the process's peak RSS so far, and on accelerators the device's peak bytes in use so far.
 """
 from __future__ import annotations
 
@@ -137,6 +139,7 @@ def measure(name: str, kind: str, fields: dict, B: int, T: int, args, timed_peak
     best = min(best, (time.perf_counter() - t0) / args.steps)
   bytes_s = B * T / best
   row = dict(name=name, params=n_params, batch=f"{B}x{T}", mean_patch=mean_patch,
+             packed=float(m["packed"]) if "packed" in m else None,  # BLT: ran packed
              mflop_per_byte=fpb / 1e6, step_s=best, bytes_s=bytes_s,
              gflop_s=fpb * bytes_s / 1e9,
              xla_gflop_s=cost.get("flops", float("nan")) * mesh.size / best / 1e9,
@@ -153,6 +156,8 @@ def measure(name: str, kind: str, fields: dict, B: int, T: int, args, timed_peak
 def print_row(r: dict):
   extra = f"  device peak {r['device_peak_mib']:.0f} MiB" if "device_peak_mib" in r else ""
   patch = f"  mean patch {r['mean_patch']:.2f}" if r["mean_patch"] else ""
+  if r.get("packed") is not None:
+    patch += "  packed" if r["packed"] else "  unpacked (over capacity)"
   step_mem = f"{r['step_mib']:.0f} MiB" if r["step_mib"] is not None else "n/a"
   print(f"{r['name']:<20} {r['params'] / 1e6:6.2f}M params  batch {r['batch']}{patch}  "
         f"{r['mflop_per_byte']:7.2f} MFLOP/byte  {r['step_s'] * 1e3:8.1f} ms/step  "

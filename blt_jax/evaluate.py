@@ -9,7 +9,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-def apply(model, batch):
+def apply(model, batch, packed: bool = False):
+  """Logits of a batch; `packed` (BLT) runs the global transformer on packed slots."""
+  if packed:
+    return model(batch["inputs"], batch["patch_lengths"], packed=True)
   return model(batch["inputs"], batch.get("patch_lengths"))
 
 

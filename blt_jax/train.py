@@ -2,6 +2,7 @@
 metrics.jsonl, periodic held-out evaluation, orbax checkpoints, resume."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -71,17 +72,32 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
     model, opt = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def summed_loss(params, batch):
-      nll, correct, count = token_stats(apply(nnx.merge(model_def, params, rest), batch), batch)
+    def summed_loss(params, batch, packed):
+      logits = apply(nnx.merge(model_def, params, rest), batch, packed)
+      nll, correct, count = token_stats(logits, batch)
       return nll, (correct, count)
 
-    def micro_grads(batch):
+    def grads_of(batch, packed=False):
       (nll, (correct, count)), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-          params, batch)
+          params, batch, packed)
       return grads, (nll, correct, count)
 
+    packs = hasattr(model, "packs") and model.packs(
+        batch["patch_lengths"].shape[0] // grad_accum, batch["patch_lengths"].shape[1])
+
+    def micro_grads(batch):
+      """Gradients of one micro-batch, by the packed forward when the model packs and the
+      batch fits (a branch around the whole gradient, so no residuals cross it)."""
+      if not packs:
+        grads, sums = grads_of(batch)
+        return grads, (*sums, jnp.zeros(()))
+      fits = model.packing_fits(batch["patch_lengths"], batch["targets"].shape[1])
+      grads, sums = jax.lax.cond(fits, functools.partial(grads_of, packed=True), grads_of,
+                                 batch)
+      return grads, (*sums, fits.astype(jnp.float32))
+
     if grad_accum == 1:
-      grads, (nll, correct, count) = micro_grads(batch)
+      grads, (nll, correct, count, n_packed) = micro_grads(batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum,
                                                *x.shape[1:]).swapaxes(0, 1), batch)
@@ -90,14 +106,16 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
         g, sums = micro_grads(mb)
         return jax.tree.map(jnp.add, carry, (g, sums)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()),) * 3)
-      (grads, (nll, correct, count)), _ = jax.lax.scan(body, zeros, micro)
+      zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()),) * 4)
+      (grads, (nll, correct, count, n_packed)), _ = jax.lax.scan(body, zeros, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     opt.update(model, grads)
     new_state = nnx.state((model, opt))
     metrics = {"loss": nll / denom, "accuracy": correct / denom,
                "grad_norm": optax.global_norm(grads), "bytes": count}
+    if packs:
+      metrics["packed"] = n_packed / grad_accum  # share of micro-batches run packed
     if shardings is not None:
       new_state = jax.lax.with_sharding_constraint(new_state, shardings)
       metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(mesh))
@@ -116,7 +134,8 @@ def to_device(batch: dict, mesh=None) -> dict:
       k: jnp.asarray(v) for k, v in batch.items()}
 
 
-RUNTIME_FIELDS = ("dtype", "remat")  # how a model computes, not what it stores
+# How a model computes, not what it stores: these may change when a run resumes.
+RUNTIME_FIELDS = ("dtype", "remat", "global_capacity")
 
 
 def check_same_model(saved: dict, current: ml_collections.ConfigDict, workdir):
@@ -246,6 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                "grad_norm": float(np.mean([h["grad_norm"] for h in host])),
                "bytes_per_s": n_bytes / (now - t_log)}
         row["bpb"] = row["loss"] / math.log(2)
+        if "packed" in host[0]:
+          row["packed"] = float(np.mean([h["packed"] for h in host]))
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           row.update({f"eval_{k}": v for k, v in
                       held_out(config.eval.train_max_bytes, "held-out").items()})

@@ -162,6 +162,11 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
   c.model.remat = False
   expected = expected_patch_size or target_patch_size or patch_size
   c.model.max_patches = max_patches(c.data.seq_len, expected)
+  # Global dense layers on packed slots: 1.2 x the expected patches of a batch, a margin
+  # that a batch's total (unlike one window's count) rarely exceeds; an overflowing batch
+  # runs unpacked. Off at tiny, where it would save nothing worth a second compile.
+  packed_share = 1.2 * c.data.seq_len / expected / c.model.max_patches
+  c.model.global_capacity = 1.0 if size == "tiny" else min(1.0, round(packed_share, 3))
   c.patching.mode = mode
   c.patching.target_patch_size = float(target_patch_size)
   c.patching.patch_size = patch_size

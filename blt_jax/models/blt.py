@@ -22,6 +22,7 @@ from flax import nnx
 
 from blt_jax.models import flops as flops_lib
 from blt_jax.models import layers
+from blt_jax.models import slot_packing
 from blt_jax.models.byte_lm import VOCAB_IN, VOCAB_OUT
 from blt_jax.models.hash_embed import HashEmbed
 
@@ -45,6 +46,8 @@ class BLTConfig:
   hash_ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8)   # hash n-gram sizes; () = off
   hash_buckets: int = 4096       # rows of each hash embedding table
   max_patches: int = 256         # P: fixed number of patches per window (patcher pads/folds)
+  global_capacity: float = 1.0   # global dense layers run on this share of the B*P slots,
+                                 # packed, when the batch's patches fit; 1.0 = never pack
   mlp_ratio: float = 4.0
   rope_theta: float = 10000.0
   dtype: str = "float32"         # compute dtype; parameters stay float32
@@ -64,6 +67,8 @@ class BLTConfig:
     for name, width in (("global_dim // cross_attn_k", slot_dim), ("dec_dim", self.dec_dim)):
       if width % self.cross_heads:
         raise ValueError(f"{name} = {width} is not divisible by cross_heads {self.cross_heads}")
+    if not 0.0 < self.global_capacity <= 1.0:
+      raise ValueError(f"global_capacity must be in (0, 1], got {self.global_capacity}")
     if any(n < 1 for n in self.hash_ngrams):
       raise ValueError(f"hash_ngrams must be positive, got {self.hash_ngrams}")
 
@@ -208,11 +213,25 @@ class BLT(nnx.Module):
       x_BxTxE = (x_BxTxE + self.hash_embed(inputs_BxT)) * (n_tables ** -0.5)
     return x_BxTxE
 
-  def __call__(self, inputs_BxT, patch_lengths_BxP):
-    return self.forward_embedded(self.embed_inputs(inputs_BxT), patch_lengths_BxP)
+  def __call__(self, inputs_BxT, patch_lengths_BxP, packed: bool = False):
+    return self.forward_embedded(self.embed_inputs(inputs_BxT), patch_lengths_BxP, packed)
 
-  def forward_embedded(self, x_BxTxE, patch_lengths_BxP):
-    """Logits [B, T, 256] float32 from embedded inputs (split out for gradient tests)."""
+  def packs(self, batch_size: int, n_slots: int) -> bool:
+    """Whether batches of this shape can run packed (`global_capacity` saves rows)."""
+    n_groups, rows = slot_packing.packed_rows(batch_size, n_slots, self.cfg.global_capacity)
+    return n_groups * rows < batch_size * n_slots
+
+  def packing_fits(self, patch_lengths_BxP, seq_len: int):
+    """Whether this batch's needed slots fit the packed rows (a bool array): then
+    `packed=True` gives the same logits faster. Only for shapes that `packs`."""
+    P = patch_lengths_BxP.shape[1]
+    needed_B = jnp.max(byte_patch_ids(patch_lengths_BxP, seq_len), axis=1) + 1
+    return slot_packing.plan(needed_B, P, self.cfg.global_capacity).fits
+
+  def forward_embedded(self, x_BxTxE, patch_lengths_BxP, packed: bool = False):
+    """Logits [B, T, 256] float32 from embedded inputs (split out for gradient tests). With
+    `packed`, the global transformer runs on packed slots (`slot_packing`); the caller
+    checks `packing_fits` first. The logits are the same either way."""
     cfg, k = self.cfg, self.cfg.cross_attn_k
     B, T, _ = x_BxTxE.shape
     P = patch_lengths_BxP.shape[-1]
@@ -228,11 +247,16 @@ class BLT(nnx.Module):
     q_BxPkxS = self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT)
     z_BxPxG = q_BxPkxS.reshape(B, P, -1)
 
-    # Global transformer: causal over patches.
-    z_BxPxG = self.global_tf(z_BxPxG)
+    # Global transformer: causal over patches; then the decoder's k slots per patch.
+    if packed:
+      packing = slot_packing.plan(jnp.max(g_BxT, axis=1) + 1, P, cfg.global_capacity)
+      z_NxCxG = self.global_tf(packing.pack(z_BxPxG), packing=packing)
+      slots_BxPxkD = packing.unpack(self.dec_slots(z_NxCxG))
+    else:
+      slots_BxPxkD = self.dec_slots(self.global_tf(z_BxPxG))
 
     # Local decoder: byte i reads the k slots of global patch g[i] (complete patches only).
-    slots_BxPkxD = self.dec_slots(z_BxPxG).reshape(B, P * k, -1)
+    slots_BxPkxD = slots_BxPxkD.reshape(B, P * k, -1)
     d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
     d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPkxD, g_BxT)
     d_BxTxD = self.decoder(d_BxTxD)
