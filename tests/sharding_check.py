@@ -1,7 +1,8 @@
 """Multi-device checks, run by tests/test_sharding.py in a process of its own with
 XLA_FLAGS=--xla_force_host_platform_device_count=8: a tiny static-patched BLT trained on
-one device, data-parallel (with gradient accumulation) and FSDP (saved on one mesh,
-resumed on another); a sharded checkpoint restored onto a third mesh. Prints one JSON line.
+one device, data-parallel (with gradient accumulation, and with packed global slots) and
+FSDP (saved on one mesh, resumed on another); a sharded checkpoint restored onto a third
+mesh. Prints one JSON line.
 With --process=I, one of two processes (one CPU device each, gloo collectives) of a
 jax.distributed run on localhost:PORT, training the same model for 4 steps, then 2 more
 after a resume.
@@ -40,7 +41,8 @@ def run(workdir: Path, devices=None, **overrides) -> dict:
   result = train.train(c, workdir, splits=splits, transform=transform,
                        eval_transform=eval_transform, progress=False, devices=devices)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {"losses": [r["loss"] for r in rows], "eval_loss": result["loss"]}
+  return {"losses": [r["loss"] for r in rows], "eval_loss": result["loss"],
+          "packed": [r.get("packed") for r in rows]}
 
 
 def restore_on(workdir: Path, mesh_cfg: dict, devices=None):
@@ -71,6 +73,8 @@ def main(root: Path):
   out = {"devices": jax.device_count()}
   out["one"] = run(root / "one", devices=jax.devices()[:1], **{"mesh.data": 1})
   out["data8_accum2"] = run(root / "data8", **{"mesh.data": 8, "train.grad_accum": 2})
+  # Packed global slots: a group of 8 windows spans 4 of the 8 devices (2 windows each).
+  out["data8_packed"] = run(root / "packed", **{"mesh.data": 8, "model.global_capacity": 0.9})
   # FSDP 2 x 4 for two steps (checkpoint), then resumed on a 4 x 2 mesh.
   fsdp = {"ckpt.every_steps": 2, "mesh.data": 2, "mesh.fsdp": 4}
   run(root / "fsdp", **fsdp, **{"train.stop_at": 2})

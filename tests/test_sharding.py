@@ -61,6 +61,13 @@ def test_data_parallel_with_accumulation_matches_one_device(eight):
   np.testing.assert_allclose(dp["eval_loss"], one["eval_loss"], **TOL)
 
 
+def test_packed_global_slots_across_devices_match_one_device(eight):
+  one, packed = eight["one"], eight["data8_packed"]
+  assert packed["packed"] == [1.0] * 4 and one["packed"] == [None] * 4
+  np.testing.assert_allclose(packed["losses"], one["losses"], **TOL)
+  np.testing.assert_allclose(packed["eval_loss"], one["eval_loss"], **TOL)
+
+
 def test_fsdp_resumed_on_another_mesh_matches_one_device(eight):
   one, fsdp = eight["one"], eight["fsdp_resumed"]
   assert len(fsdp["losses"]) == 4  # 2 steps on 2 x 4, then 2 on 4 x 2 from the checkpoint
