@@ -224,9 +224,12 @@ class BLT(nnx.Module):
   def packing_fits(self, patch_lengths_BxP, seq_len: int):
     """Whether this batch's needed slots fit the packed rows (a bool array): then
     `packed=True` gives the same logits faster. Only for shapes that `packs`."""
-    P = patch_lengths_BxP.shape[1]
-    needed_B = jnp.max(byte_patch_ids(patch_lengths_BxP, seq_len), axis=1) + 1
-    return slot_packing.plan(needed_B, P, self.cfg.global_capacity).fits
+    return self.packing_of(byte_patch_ids(patch_lengths_BxP, seq_len),
+                           patch_lengths_BxP.shape[1]).fits
+
+  def packing_of(self, g_BxT, n_slots: int) -> slot_packing.SlotPacking:
+    """The packing of the slots the decoder reads: 0 .. max g of each window."""
+    return slot_packing.plan(jnp.max(g_BxT, axis=1) + 1, n_slots, self.cfg.global_capacity)
 
   def forward_embedded(self, x_BxTxE, patch_lengths_BxP, packed: bool = False):
     """Logits [B, T, 256] float32 from embedded inputs (split out for gradient tests). With
@@ -249,7 +252,7 @@ class BLT(nnx.Module):
 
     # Global transformer: causal over patches; then the decoder's k slots per patch.
     if packed:
-      packing = slot_packing.plan(jnp.max(g_BxT, axis=1) + 1, P, cfg.global_capacity)
+      packing = self.packing_of(g_BxT, P)
       z_NxCxG = self.global_tf(packing.pack(z_BxPxG), packing=packing)
       slots_BxPxkD = packing.unpack(self.dec_slots(z_NxCxG))
     else:

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-GROUP = 8  # windows packed together (a divisor of the batch), so groups follow a data shard
+GROUP = 8  # windows packed together (or the largest common divisor with the batch size)
 
 
 @jax.custom_vjp
