@@ -82,10 +82,10 @@ class Attention(nnx.Module):
       self.kv = dense(kv_dim, 2 * dim, rngs=rngs, dtype=dtype)
     self.o = dense(dim, dim, rngs=rngs, dtype=dtype, std=dim ** -0.5 / 2)
 
-  def project(self, x_BxTxD, kv_BxSxE=None, positions_BxT=None, packing=None):
+  def project(self, x_BxTxD, kv_BxSxE=None, packing=None):
     """Heads q [B, T, H, K] and k, v [B, S, H, K] (S = T for self-attention); with RoPE,
-    q and k are rotated by `positions` (default 0 .. T-1). With `packing`, x holds packed
-    rows and q, k, v come out unpacked to [B, P, H, K]."""
+    q and k are rotated by positions 0 .. T-1. With `packing`, x holds packed rows and
+    q, k, v come out unpacked to [B, P, H, K]."""
     heads = lambda a: a.reshape(*a.shape[:2], self.n_heads, self.head_dim)
     if kv_BxSxE is None:
       qkv_BxTx3D = self.qkv(x_BxTxD)
@@ -96,8 +96,8 @@ class Attention(nnx.Module):
       q_BxTxD, (k_BxSxD, v_BxSxD) = self.q(x_BxTxD), jnp.split(self.kv(kv_BxSxE), 2, axis=-1)
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = heads(q_BxTxD), heads(k_BxSxD), heads(v_BxSxD)
     if self.use_rope:
-      q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, self.rope_theta)
-      k_BxSxHxK = rope(k_BxSxHxK, positions_BxT, self.rope_theta)
+      q_BxTxHxK = rope(q_BxTxHxK, theta=self.rope_theta)
+      k_BxSxHxK = rope(k_BxSxHxK, theta=self.rope_theta)
     return q_BxTxHxK, k_BxSxHxK, v_BxSxHxK
 
   def output(self, out_BxTxHxK):
@@ -105,12 +105,12 @@ class Attention(nnx.Module):
     B, T = out_BxTxHxK.shape[:2]
     return self.o(out_BxTxHxK.reshape(B, T, self.n_heads * self.head_dim))
 
-  def __call__(self, x_BxTxD, positions_BxT=None, packing=None):
+  def __call__(self, x_BxTxD, packing=None):
     """Causal self-attention (span `window` when set). With `packing` (a
     `slot_packing.SlotPacking`), x holds packed rows [N, C, D]: the projections run on them
     and the attention on the unpacked sequences."""
     if packing is None:
-      q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = self.project(x_BxTxD, positions_BxT=positions_BxT)
+      q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = self.project(x_BxTxD)
       return self.output(causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.window))
     q_BxPxHxK, k_BxPxHxK, v_BxPxHxK = self.project(x_BxTxD, packing=packing)
     out_BxPxHxK = causal_attention(q_BxPxHxK, k_BxPxHxK, v_BxPxHxK, self.window)
@@ -182,8 +182,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(dim, rngs=rngs)
     self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT=None, packing=None):
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, packing)
+  def __call__(self, x_BxTxD, packing=None):
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), packing)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
@@ -204,9 +204,9 @@ class Transformer(nnx.Module):
         for _ in range(n_layers)])
     self.norm = RMSNorm(dim, rngs=rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT=None, packing=None):
+  def __call__(self, x_BxTxD, packing=None):
     """[B, T, D] -> [B, T, D]; with `packing`, packed rows [N, C, D] (see `Attention`)."""
     apply_block = nnx.remat(Block.__call__) if self.remat else Block.__call__
     for block in self.blocks:
-      x_BxTxD = apply_block(block, x_BxTxD, positions_BxT, packing)
+      x_BxTxD = apply_block(block, x_BxTxD, packing)
     return self.norm(x_BxTxD)
