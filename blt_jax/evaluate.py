@@ -9,10 +9,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-def apply(model, batch, packed: bool = False):
-  """Logits of a batch; `packed` (BLT) runs the global transformer on packed slots."""
+def apply(model, batch, packed: bool = False, shards: int = 1):
+  """Logits of a batch; `packed` (BLT) runs the global transformer on packed slots, kept
+  within each of the batch's `shards` (devices)."""
   if packed:
-    return model(batch["inputs"], batch["patch_lengths"], packed=True)
+    return model(batch["inputs"], batch["patch_lengths"], packed=True, shards=shards)
   return model(batch["inputs"], batch.get("patch_lengths"))
 
 

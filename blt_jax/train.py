@@ -71,9 +71,11 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
   def step(state, batch):
     model, opt = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    # Every micro-batch is split over all devices; packing groups keep to one device's rows.
+    shards = mesh.size if mesh is not None else 1
 
     def summed_loss(params, batch, packed):
-      logits = apply(nnx.merge(model_def, params, rest), batch, packed)
+      logits = apply(nnx.merge(model_def, params, rest), batch, packed, shards)
       nll, correct, count = token_stats(logits, batch)
       return nll, (correct, count)
 
@@ -83,7 +85,7 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
       return grads, (nll, correct, count)
 
     packs = hasattr(model, "packs") and model.packs(
-        batch["patch_lengths"].shape[0] // grad_accum, batch["patch_lengths"].shape[1])
+        batch["patch_lengths"].shape[0] // grad_accum, batch["patch_lengths"].shape[1], shards)
 
     def micro_grads(batch):
       """Gradients of one micro-batch, by the packed forward when the model packs and the
@@ -91,7 +93,7 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
       if not packs:
         grads, sums = grads_of(batch)
         return grads, (*sums, jnp.zeros(()))
-      fits = model.packing_fits(batch["patch_lengths"], batch["targets"].shape[1])
+      fits = model.packing_fits(batch["patch_lengths"], batch["targets"].shape[1], shards)
       grads, sums = jax.lax.cond(fits, functools.partial(grads_of, packed=True), grads_of,
                                  batch)
       return grads, (*sums, fits.astype(jnp.float32))

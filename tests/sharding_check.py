@@ -2,7 +2,7 @@
 XLA_FLAGS=--xla_force_host_platform_device_count=8: a tiny static-patched BLT trained on
 one device, data-parallel (with gradient accumulation, and with packed global slots) and
 FSDP (saved on one mesh, resumed on another); a sharded checkpoint restored onto a third
-mesh. Prints one JSON line.
+mesh; what the collectives of a data-parallel BLT move. Prints one JSON line.
 With --process=I, one of two processes (one CPU device each, gloo collectives) of a
 jax.distributed run on localhost:PORT, training the same model for 4 steps, then 2 more
 after a resume.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +65,52 @@ def restore_on(workdir: Path, mesh_cfg: dict, devices=None):
   return restored
 
 
+COLLECTIVE = re.compile(r"= (.+?) (all-reduce|all-gather|all-to-all|collective-permute|"
+                        r"reduce-scatter)(?:-start)?\(")
+
+
+def collective_elements(hlo: str) -> int:
+  """Array elements that the collectives of a compiled program produce."""
+  total = 0
+  for m in COLLECTIVE.finditer(hlo):
+    for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
+      total += int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
+
+
+def communication() -> dict:
+  """What collectives move in a BLT split data-parallel over 8 devices (2 windows each,
+  global slots packed in groups of 2): the forward, packed and not, should move nothing
+  (every window is computed on its own device) and the packed gradient only the
+  parameters' gradients."""
+  import ml_collections
+  from flax import nnx
+  from blt_jax import patching, sharding, train
+  from blt_jax.evaluate import token_stats
+  c = config(**{"model.global_capacity": 0.75})
+  model = train.build_model(c)
+  graphdef, params = nnx.split(model)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 8, "fsdp": 1}))
+  B, T = 16, c.data.seq_len
+  rng = np.random.default_rng(0)
+  targets = rng.integers(0, 256, (B, T), dtype=np.int32)
+  starts = np.arange(T)[None].repeat(B, 0) % 4 == 0
+  batch = sharding.full_batch(
+      {"inputs": np.concatenate([np.full((B, 1), 256, np.int32), targets[:, :-1]], 1),
+       "targets": targets, "mask": np.ones((B, T), np.float32),
+       "patch_lengths": np.asarray(patching.patch_lengths(starts, c.model.max_patches))}, mesh)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  logits = lambda p, b, packed: nnx.merge(graphdef, p)(b["inputs"], b["patch_lengths"],
+                                                       packed=packed, shards=mesh.size)
+  nll = lambda p, b: token_stats(logits(p, b, True), b)[0]
+  hlo = lambda f: jax.jit(f).lower(params, batch).compile().as_text()
+  return {"forward_packed": collective_elements(hlo(lambda p, b: logits(p, b, True))),
+          "forward_unpacked": collective_elements(hlo(lambda p, b: logits(p, b, False))),
+          "gradient_packed": collective_elements(hlo(jax.grad(nll))),
+          "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+          "fits": bool(model.packing_fits(batch["patch_lengths"], T, mesh.size))}
+
+
 def main(root: Path):
   from absl import flags
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
@@ -73,8 +120,9 @@ def main(root: Path):
   out = {"devices": jax.device_count()}
   out["one"] = run(root / "one", devices=jax.devices()[:1], **{"mesh.data": 1})
   out["data8_accum2"] = run(root / "data8", **{"mesh.data": 8, "train.grad_accum": 2})
-  # Packed global slots: a group of 8 windows spans 4 of the 8 devices (2 windows each).
+  # Packed global slots: 2 windows per device, packed in groups of 2.
   out["data8_packed"] = run(root / "packed", **{"mesh.data": 8, "model.global_capacity": 0.9})
+  out["communication"] = communication()
   # FSDP 2 x 4 for two steps (checkpoint), then resumed on a 4 x 2 mesh.
   fsdp = {"ckpt.every_steps": 2, "mesh.data": 2, "mesh.fsdp": 4}
   run(root / "fsdp", **fsdp, **{"train.stop_at": 2})

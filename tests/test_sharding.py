@@ -68,6 +68,15 @@ def test_packed_global_slots_across_devices_match_one_device(eight):
   np.testing.assert_allclose(packed["eval_loss"], one["eval_loss"], **TOL)
 
 
+def test_data_parallel_blt_moves_only_gradients(eight):
+  """Pooling, both cross-attentions and slot packing run per window, and packing groups
+  keep to one device: a data-parallel forward needs no collectives at all."""
+  c = eight["communication"]
+  assert c["fits"]
+  assert c["forward_packed"] == 0 and c["forward_unpacked"] == 0
+  assert 0 < c["gradient_packed"] <= c["parameters"]
+
+
 def test_fsdp_resumed_on_another_mesh_matches_one_device(eight):
   one, fsdp = eight["one"], eight["fsdp_resumed"]
   assert len(fsdp["losses"]) == 4  # 2 steps on 2 x 4, then 2 on 4 x 2 from the checkpoint

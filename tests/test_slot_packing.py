@@ -42,6 +42,20 @@ def test_fits_is_per_group_and_exact_at_the_boundary():
   assert slot_packing.packed_rows(12, P, 0.5) == (3, 8)            # gcd(12, 8) = 4 windows
 
 
+def test_groups_never_span_the_shards_of_a_batch():
+  P = 4
+  assert slot_packing.packed_rows(16, P, 0.5) == (2, 16)            # 2 groups of 8 windows
+  assert slot_packing.packed_rows(16, P, 0.5, shards=8) == (8, 4)   # 2 windows per device
+  assert slot_packing.packed_rows(48, P, 0.5, shards=2) == (6, 16)  # gcd(24, 8) = 8
+  # One device's two windows need 5 slots, 1 more than its 4 rows: on one shard the same
+  # needs fit a group of 8 windows (16 rows).
+  needed = [3, 2] + [1] * 14
+  assert bool(slot_packing.plan(jnp.asarray(needed), P, 0.5).fits)
+  assert not bool(slot_packing.plan(jnp.asarray(needed), P, 0.5, shards=8).fits)
+  with pytest.raises(ValueError, match="does not split into 3 shards"):
+    slot_packing.packed_rows(16, P, 0.5, shards=3)
+
+
 def test_gradients_are_the_transposed_row_maps():
   """The custom backward (a gather) equals the transpose of the linear map it inverts."""
   needed, P = [4, 2, 1, 3], 5

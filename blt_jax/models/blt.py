@@ -90,20 +90,21 @@ def input_patch_ids(g_BxT):
 
 
 def pool_patches(h_BxTxD, ip_BxT, n_patches: int, mode: str = "max"):
-  """[B, P, D]: max or mean of h over each input patch 0..P-1; empty patches give zeros."""
-  B, T, D = h_BxTxD.shape
+  """[B, P, D]: max or mean of h over each input patch 0..P-1; empty patches give zeros.
+  Pools each window on its own (a batched segment reduction), so a batch split over devices
+  pools without communication."""
   n_seg = n_patches + 1  # input patch P (never read) gets its own segment, then dropped
-  seg_BxT = ip_BxT + n_seg * jnp.arange(B, dtype=ip_BxT.dtype)[:, None]
-  seg_N, h_NxD = seg_BxT.reshape(-1), h_BxTxD.reshape(B * T, D)
-  count_N = jax.ops.segment_sum(jnp.ones((B * T,), jnp.float32), seg_N, B * n_seg)
-  count_BxPx1 = count_N.reshape(B, n_seg, 1)[:, :n_patches]
-  if mode == "max":
-    pooled_N = jax.ops.segment_max(h_NxD, seg_N, B * n_seg)
-    pooled_BxPxD = pooled_N.reshape(B, n_seg, D)[:, :n_patches]
-    return jnp.where(count_BxPx1 > 0, pooled_BxPxD, 0).astype(h_BxTxD.dtype)
-  summed_N = jax.ops.segment_sum(h_NxD.astype(jnp.float32), seg_N, B * n_seg)
-  summed_BxPxD = summed_N.reshape(B, n_seg, D)[:, :n_patches]
-  return (summed_BxPxD / jnp.maximum(count_BxPx1, 1)).astype(h_BxTxD.dtype)
+
+  def pool_window(h_TxD, ip_T):
+    segment = dict(segment_ids=ip_T, num_segments=n_seg, indices_are_sorted=True)
+    count_Px1 = jax.ops.segment_sum(jnp.ones(ip_T.shape, jnp.float32), **segment)[:n_patches, None]
+    if mode == "max":
+      pooled_PxD = jax.ops.segment_max(h_TxD, **segment)[:n_patches]
+      return jnp.where(count_Px1 > 0, pooled_PxD, 0).astype(h_TxD.dtype)
+    summed_PxD = jax.ops.segment_sum(h_TxD.astype(jnp.float32), **segment)[:n_patches]
+    return (summed_PxD / jnp.maximum(count_Px1, 1)).astype(h_TxD.dtype)
+
+  return jax.vmap(pool_window)(h_BxTxD, ip_BxT)
 
 
 # ----------------------------------------------------------------------------- model
@@ -113,33 +114,35 @@ def slots_attend_own_patch(q_BxPxkxHxK, k_BxTxHxK, v_BxTxHxK, ip_BxT):
   patch p only (softmax within the patch); a patch without positions gets zeros.
 
   Runs per position (its patch's k queries), so the cost grows with T * k, where a dense
-  masked attention would pay T * P * k. Returns [B, P, k, H, K].
+  masked attention would pay T * P * k; and per window (batched segment reductions), so a
+  batch split over devices needs no communication. Returns [B, P, k, H, K].
   """
-  B, P = q_BxPxkxHxK.shape[:2]
+  P = q_BxPxkxHxK.shape[1]
   n_seg = P + 1  # input patch P (never read) gets its own segment, then dropped
-  q_BxTxkxHxK = q_BxPxkxHxK[jnp.arange(B)[:, None], jnp.minimum(ip_BxT, P - 1)]
-  scores_BxTxkxH = jnp.einsum("btjhd,bthd->btjh", q_BxTxkxHxK, k_BxTxHxK,
-                              preferred_element_type=jnp.float32)
-  scores_BxTxkxH *= q_BxPxkxHxK.shape[-1] ** -0.5
-  seg_N = (ip_BxT + n_seg * jnp.arange(B, dtype=ip_BxT.dtype)[:, None]).reshape(-1)
-  scores_NxkxH = scores_BxTxkxH.reshape(B * ip_BxT.shape[1], *scores_BxTxkxH.shape[2:])
-  top_SxkxH = jax.lax.stop_gradient(
-      jax.ops.segment_max(scores_NxkxH, seg_N, B * n_seg, indices_are_sorted=True))
-  weights_NxkxH = jnp.exp(scores_NxkxH - top_SxkxH[seg_N])
-  total_SxkxH = jax.ops.segment_sum(weights_NxkxH, seg_N, B * n_seg, indices_are_sorted=True)
-  v_NxHxK = v_BxTxHxK.reshape(-1, *v_BxTxHxK.shape[2:]).astype(jnp.float32)
-  summed_SxkxHxK = jax.ops.segment_sum(weights_NxkxH[..., None] * v_NxHxK[:, None], seg_N,
-                                       B * n_seg, indices_are_sorted=True)
-  out_SxkxHxK = summed_SxkxHxK / jnp.maximum(total_SxkxH, 1e-30)[..., None]
-  out_BxPxkxHxK = out_SxkxHxK.reshape(B, n_seg, *out_SxkxHxK.shape[1:])[:, :P]
-  return out_BxPxkxHxK.astype(v_BxTxHxK.dtype)
+  scale = q_BxPxkxHxK.shape[-1] ** -0.5
+
+  def attend_window(q_PxkxHxK, k_TxHxK, v_TxHxK, ip_T):
+    segment = dict(segment_ids=ip_T, num_segments=n_seg, indices_are_sorted=True)
+    q_TxkxHxK = q_PxkxHxK[jnp.minimum(ip_T, P - 1)]
+    scores_TxkxH = jnp.einsum("tjhd,thd->tjh", q_TxkxHxK, k_TxHxK,
+                              preferred_element_type=jnp.float32) * scale
+    top_SxkxH = jax.lax.stop_gradient(jax.ops.segment_max(scores_TxkxH, **segment))
+    weights_TxkxH = jnp.exp(scores_TxkxH - top_SxkxH[ip_T])
+    total_SxkxH = jax.ops.segment_sum(weights_TxkxH, **segment)
+    summed_SxkxHxK = jax.ops.segment_sum(
+        weights_TxkxH[..., None] * v_TxHxK[:, None].astype(jnp.float32), **segment)
+    out_SxkxHxK = summed_SxkxHxK / jnp.maximum(total_SxkxH, 1e-30)[..., None]
+    return out_SxkxHxK[:P].astype(v_TxHxK.dtype)
+
+  return jax.vmap(attend_window)(q_BxPxkxHxK, k_BxTxHxK, v_BxTxHxK, ip_BxT)
 
 
 def bytes_attend_own_slots(q_BxTxHxK, k_BxPxkxHxK, v_BxPxkxHxK, g_BxT):
   """Decoder cross-attention: position i attends over the k slots of global patch g[i]
-  only, gathered per position (cost T * k, not T * P * k). Returns [B, T, H, K]."""
-  batch_Bx1 = jnp.arange(q_BxTxHxK.shape[0])[:, None]
-  k_BxTxkxHxK, v_BxTxkxHxK = k_BxPxkxHxK[batch_Bx1, g_BxT], v_BxPxkxHxK[batch_Bx1, g_BxT]
+  only, gathered per position (cost T * k, not T * P * k) within each window. Returns
+  [B, T, H, K]."""
+  per_byte = jax.vmap(lambda slots_PxkxHxK, g_T: slots_PxkxHxK[g_T])
+  k_BxTxkxHxK, v_BxTxkxHxK = per_byte(k_BxPxkxHxK, g_BxT), per_byte(v_BxPxkxHxK, g_BxT)
   scores_BxTxkxH = jnp.einsum("bthd,btjhd->btjh", q_BxTxHxK, k_BxTxkxHxK,
                               preferred_element_type=jnp.float32)
   probs_BxTxkxH = jax.nn.softmax(scores_BxTxkxH * q_BxTxHxK.shape[-1] ** -0.5, axis=2)
@@ -213,28 +216,33 @@ class BLT(nnx.Module):
       x_BxTxE = (x_BxTxE + self.hash_embed(inputs_BxT)) * (n_tables ** -0.5)
     return x_BxTxE
 
-  def __call__(self, inputs_BxT, patch_lengths_BxP, packed: bool = False):
-    return self.forward_embedded(self.embed_inputs(inputs_BxT), patch_lengths_BxP, packed)
+  def __call__(self, inputs_BxT, patch_lengths_BxP, packed: bool = False, shards: int = 1):
+    return self.forward_embedded(self.embed_inputs(inputs_BxT), patch_lengths_BxP, packed,
+                                 shards)
 
-  def packs(self, batch_size: int, n_slots: int) -> bool:
+  def packs(self, batch_size: int, n_slots: int, shards: int = 1) -> bool:
     """Whether batches of this shape can run packed (`global_capacity` saves rows)."""
-    n_groups, rows = slot_packing.packed_rows(batch_size, n_slots, self.cfg.global_capacity)
+    n_groups, rows = slot_packing.packed_rows(batch_size, n_slots, self.cfg.global_capacity,
+                                              shards)
     return n_groups * rows < batch_size * n_slots
 
-  def packing_fits(self, patch_lengths_BxP, seq_len: int):
+  def packing_fits(self, patch_lengths_BxP, seq_len: int, shards: int = 1):
     """Whether this batch's needed slots fit the packed rows (a bool array): then
     `packed=True` gives the same logits faster. Only for shapes that `packs`."""
     return self.packing_of(byte_patch_ids(patch_lengths_BxP, seq_len),
-                           patch_lengths_BxP.shape[1]).fits
+                           patch_lengths_BxP.shape[1], shards).fits
 
-  def packing_of(self, g_BxT, n_slots: int) -> slot_packing.SlotPacking:
+  def packing_of(self, g_BxT, n_slots: int, shards: int = 1) -> slot_packing.SlotPacking:
     """The packing of the slots the decoder reads: 0 .. max g of each window."""
-    return slot_packing.plan(jnp.max(g_BxT, axis=1) + 1, n_slots, self.cfg.global_capacity)
+    return slot_packing.plan(jnp.max(g_BxT, axis=1) + 1, n_slots, self.cfg.global_capacity,
+                             shards)
 
-  def forward_embedded(self, x_BxTxE, patch_lengths_BxP, packed: bool = False):
+  def forward_embedded(self, x_BxTxE, patch_lengths_BxP, packed: bool = False,
+                       shards: int = 1):
     """Logits [B, T, 256] float32 from embedded inputs (split out for gradient tests). With
     `packed`, the global transformer runs on packed slots (`slot_packing`); the caller
-    checks `packing_fits` first. The logits are the same either way."""
+    checks `packing_fits` first. The logits are the same either way. `shards`: the batch
+    is split into this many equal parts (devices), and packing keeps to each."""
     cfg, k = self.cfg, self.cfg.cross_attn_k
     B, T, _ = x_BxTxE.shape
     P = patch_lengths_BxP.shape[-1]
@@ -252,7 +260,7 @@ class BLT(nnx.Module):
 
     # Global transformer: causal over patches; then the decoder's k slots per patch.
     if packed:
-      packing = self.packing_of(g_BxT, P)
+      packing = self.packing_of(g_BxT, P, shards)
       z_NxCxG = self.global_tf(packing.pack(z_BxPxG), packing=packing)
       slots_BxPxkD = packing.unpack(self.dec_slots(z_NxCxG))
     else:

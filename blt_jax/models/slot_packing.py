@@ -11,6 +11,8 @@ slot sees them), and the result is packed again.
 Nothing of the model's math changes: a batch whose patches do not fit the capacity runs
 unpacked (`fits`). Moving rows is a gather both ways: the backward pass of packing is
 unpacking and vice versa (the maps are inverse on the needed slots), so no scatter runs.
+A batch split over `shards` devices packs each device's windows apart (groups never span
+two shards), and the gathers are batched over groups: packing needs no communication.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-GROUP = 8  # windows packed together (or the largest common divisor with the batch size)
+GROUP = 8  # windows packed together (or the largest common divisor with a shard's windows)
 
 
 @jax.custom_vjp
@@ -28,7 +30,7 @@ def _move_rows(x_NxRxF, to_NxM, back_NxR):
   """[N, M, ...]: row to[n, m] of x[n] (index R gives zeros). `back` is the inverse map
   (index M where no row comes from), used as the gradient's gather."""
   x_ext = jnp.concatenate([x_NxRxF, jnp.zeros_like(x_NxRxF[:, :1])], axis=1)
-  return x_ext[jnp.arange(x_NxRxF.shape[0])[:, None], to_NxM]
+  return jax.vmap(lambda rows_RxF, to_M: rows_RxF[to_M])(x_ext, to_NxM)
 
 
 def _move_rows_fwd(x_NxRxF, to_NxM, back_NxR):
@@ -65,17 +67,21 @@ class SlotPacking:
     return out_NxSxF.reshape(N * S // self.n_slots, self.n_slots, *x_NxCxF.shape[2:])
 
 
-def packed_rows(batch: int, n_slots: int, capacity: float) -> tuple[int, int]:
-  """(groups N, rows per group C) for a batch of `batch` windows of `n_slots` slots."""
-  windows = math.gcd(batch, GROUP)
+def packed_rows(batch: int, n_slots: int, capacity: float,
+                shards: int = 1) -> tuple[int, int]:
+  """(groups N, rows per group C) for a batch of `batch` windows of `n_slots` slots, split
+  into `shards` equal parts (devices) that no group spans."""
+  if batch % shards:
+    raise ValueError(f"a batch of {batch} windows does not split into {shards} shards")
+  windows = math.gcd(batch // shards, GROUP)
   slots = windows * n_slots
   return batch // windows, min(slots, math.ceil(capacity * slots))
 
 
-def plan(needed_B, n_slots: int, capacity: float) -> SlotPacking:
+def plan(needed_B, n_slots: int, capacity: float, shards: int = 1) -> SlotPacking:
   """The packing of a batch whose window b needs slots 0 .. needed[b] - 1 (needed >= 1)."""
   B, P = needed_B.shape[0], n_slots
-  N, C = packed_rows(B, P, capacity)
+  N, C = packed_rows(B, P, capacity, shards)
   W = B // N
   n_NxW = needed_B.astype(jnp.int32).reshape(N, W)
   start_NxW = jnp.cumsum(n_NxW, axis=1) - n_NxW
