@@ -79,10 +79,11 @@ def collective_elements(hlo: str) -> int:
 
 
 def communication() -> dict:
-  """What collectives move in a BLT split data-parallel over 8 devices (2 windows each,
-  global slots packed in groups of 2): the forward, packed and not, should move nothing
-  (every window is computed on its own device) and the packed gradient only the
-  parameters' gradients."""
+  """What collectives move in a BLT on 8 devices (2 windows each, global slots packed in
+  groups of 2). Data parallel: the forward, packed and not, should move nothing (every
+  window is computed on its own device) and the packed gradient only the parameters'
+  gradients. FSDP over 8: the whole train step (packed and unpacked branches) should move
+  one gather of the parameters and one gradient reduction per branch."""
   import ml_collections
   from flax import nnx
   from blt_jax import patching, sharding, train
@@ -90,24 +91,36 @@ def communication() -> dict:
   c = config(**{"model.global_capacity": 0.75})
   model = train.build_model(c)
   graphdef, params = nnx.split(model)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 8, "fsdp": 1}))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  mesh_of = lambda data, fsdp: sharding.make_mesh(ml_collections.ConfigDict(
+      {"data": data, "fsdp": fsdp}))
+  mesh = mesh_of(8, 1)
   B, T = 16, c.data.seq_len
   rng = np.random.default_rng(0)
   targets = rng.integers(0, 256, (B, T), dtype=np.int32)
   starts = np.arange(T)[None].repeat(B, 0) % 4 == 0
-  batch = sharding.full_batch(
-      {"inputs": np.concatenate([np.full((B, 1), 256, np.int32), targets[:, :-1]], 1),
-       "targets": targets, "mask": np.ones((B, T), np.float32),
-       "patch_lengths": np.asarray(patching.patch_lengths(starts, c.model.max_patches))}, mesh)
-  params = jax.device_put(params, sharding.replicated(mesh))
+  batch_np = {"inputs": np.concatenate([np.full((B, 1), 256, np.int32), targets[:, :-1]], 1),
+              "targets": targets, "mask": np.ones((B, T), np.float32),
+              "patch_lengths": np.asarray(patching.patch_lengths(starts, c.model.max_patches))}
+  batch = sharding.full_batch(batch_np, mesh)
+  replicated = jax.device_put(params, sharding.replicated(mesh))
   logits = lambda p, b, packed: nnx.merge(graphdef, p)(b["inputs"], b["patch_lengths"],
                                                        packed=packed, shards=mesh.size)
   nll = lambda p, b: token_stats(logits(p, b, True), b)[0]
-  hlo = lambda f: jax.jit(f).lower(params, batch).compile().as_text()
-  return {"forward_packed": collective_elements(hlo(lambda p, b: logits(p, b, True))),
-          "forward_unpacked": collective_elements(hlo(lambda p, b: logits(p, b, False))),
-          "gradient_packed": collective_elements(hlo(jax.grad(nll))),
-          "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+  moved = lambda f, *args: collective_elements(f.lower(*args).compile().as_text())
+
+  fsdp = mesh_of(1, 8)
+  step_graph, state = nnx.split((model, nnx.Optimizer(model, train.make_optimizer(c.train),
+                                                      wrt=nnx.Param)))
+  shardings = sharding.state_shardings(state, fsdp)
+  step = train.make_train_step(step_graph, shardings=shardings, mesh=fsdp)
+  return {"forward_packed": moved(jax.jit(lambda p, b: logits(p, b, True)), replicated, batch),
+          "forward_unpacked": moved(jax.jit(lambda p, b: logits(p, b, False)), replicated,
+                                    batch),
+          "gradient_packed": moved(jax.jit(jax.grad(nll)), replicated, batch),
+          "fsdp_step": moved(step, jax.device_put(state, shardings),
+                             sharding.full_batch(batch_np, fsdp)),
+          "parameters": n_params,
           "fits": bool(model.packing_fits(batch["patch_lengths"], T, mesh.size))}
 
 
