@@ -68,3 +68,35 @@ def test_attention_projections_split_heads():
   for i, part in enumerate((q, k, v)):
     np.testing.assert_allclose(part.reshape(2, 5, 16), x @ kernel[:, 16 * i:16 * (i + 1)],
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,n", [((2, 5, 8), 24), ((7, 24), 8), ((3, 1, 4), 4)])
+def test_matmul_gradients_equal_jax_own(x_shape, n):
+  """Both backward paths (input narrower or wider than the output) give JAX's gradients."""
+  rng = np.random.default_rng(n + len(x_shape))
+  x = jnp.asarray(rng.normal(size=x_shape).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(x_shape[-1], n)).astype(np.float32))
+  dy = jnp.asarray(rng.normal(size=(*x_shape[:-1], n)).astype(np.float32))
+  np.testing.assert_allclose(layers.matmul(x, w), x @ w, rtol=1e-6)
+  got = jax.vjp(layers.matmul, x, w)[1](dy)
+  want = jax.vjp(lambda x, w: x @ w, x, w)[1](dy)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_layers_use_matmul_and_keep_other_products_plain():
+  """`nnx.Linear` goes through `matmul` on CPU; a product `matmul` does not cover (batch
+  dims, another precision) is handed to lax.dot_general unchanged."""
+  x = jnp.ones((2, 3, 4))
+  w = jnp.arange(20.0).reshape(4, 5)
+  lin = layers.dense(4, 5, rngs=nnx.Rngs(0))
+  lin.kernel[...] = w
+  jaxpr = str(jax.make_jaxpr(lambda x: lin(x))(x))
+  assert "custom_vjp" in jaxpr
+  np.testing.assert_allclose(lin(x), x @ w)
+  dims = (((2,), (0,)), ((), ()))
+  np.testing.assert_allclose(
+      layers.linear_dot_general(x, w, dims, precision=jax.lax.Precision.HIGHEST), x @ w)
+  assert "custom_vjp" not in str(jax.make_jaxpr(
+      lambda x: layers.linear_dot_general(x, w, dims, preferred_element_type=jnp.float32))(x))

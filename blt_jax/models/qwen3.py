@@ -80,7 +80,8 @@ def check_architecture(hf: dict):
 def _linear(din: int, dout: int, cfg: Qwen3Config, *, rngs: nnx.Rngs, bias: bool = False):
   return nnx.Linear(din, dout, use_bias=bias, dtype=jnp.dtype(cfg.dtype),
                     param_dtype=jnp.dtype(cfg.param_dtype),
-                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                    kernel_init=nnx.initializers.normal(0.02),
+                    dot_general=layers.linear_dot_general, rngs=rngs)
 
 
 class Qwen3Attention(nnx.Module):
