@@ -1,5 +1,8 @@
-"""Corpora -> a flat uint8 array + document offsets (cached), the held-out split, and
-grain pipelines of fixed-length windows that start with BOS.
+"""Corpora -> a flat uint8 array + source-document offsets (cached), and grain pipelines
+of fixed-length windows that start with BOS. The held-out split is in `splits`.
+
+A document is a source document, whole: a file of a file/directory/glob corpus, a record
+of a `.jsonl`, a row of a `.parquet` file or a dataset. Nothing cuts it into pieces.
 
 A window covers up to T target bytes of one document, starting at a multiple of T:
   inputs  = [BOS, x[o], ..., x[o+T-2]]   targets = [x[o], ..., x[o+T-1]]   mask = real targets
@@ -24,7 +27,7 @@ import numpy as np
 from blt_jax.errors import UserError
 
 BOS = 256
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents are never cut into pieces
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -114,9 +117,9 @@ def _hf_documents(name: str) -> Iterator[tuple[str, bytes]]:
     yield f"{name}:{i}", row["text"].encode("utf-8")
 
 
-def _fingerprint(corpus: str, max_doc_bytes: int) -> str:
+def _fingerprint(corpus: str) -> str:
   h = hashlib.blake2b(digest_size=10)
-  h.update(json.dumps([FORMAT_VERSION, corpus, max_doc_bytes]).encode())
+  h.update(json.dumps([FORMAT_VERSION, corpus]).encode())
   if not corpus.startswith("hf:"):
     root, files = _source_files(corpus)
     for f in files:
@@ -155,37 +158,26 @@ def _write_atomically(directory: Path, arrays: dict[str, np.ndarray], meta: dict
     raise
 
 
-def prepare(corpus: str, *, cache_dir: str = "", max_doc_bytes: int = 65536) -> Corpus:
-  """Reads a corpus once into uint8 + offsets under a fingerprint, and reuses it after."""
-  fp = _fingerprint(corpus, max_doc_bytes)
+def prepare(corpus: str, *, cache_dir: str = "") -> Corpus:
+  """Reads a corpus once into uint8 + offsets under a fingerprint, and reuses it after.
+  Empty documents are left out."""
+  fp = _fingerprint(corpus)
   directory = cache_root(cache_dir) / "corpora" / fp
   if not (directory / "meta.json").exists():
-    names, pieces = [], []
+    names, docs = [], []
     for name, raw in _documents(corpus):
-      for k, lo in enumerate(range(0, len(raw), max_doc_bytes)):
-        names.append(name if len(raw) <= max_doc_bytes else f"{name}#{k}")
-        pieces.append(np.frombuffer(raw[lo:lo + max_doc_bytes], np.uint8))
-    if not pieces:
+      if raw:
+        names.append(name)
+        docs.append(np.frombuffer(raw, np.uint8))
+    if not docs:
       raise UserError(f"corpus {corpus!r} has no text documents")
-    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
-    _write_atomically(directory, {"data": np.concatenate(pieces), "offsets": offsets},
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    _write_atomically(directory, {"data": np.concatenate(docs), "offsets": offsets},
                       {"corpus": corpus, "names": names, "fingerprint": fp})
   meta = json.loads((directory / "meta.json").read_text())
   return Corpus(name=corpus, fingerprint=fp,
                 data=np.load(directory / "data.npy", mmap_mode="r"),
                 offsets=np.load(directory / "offsets.npy"), names=meta["names"], path=directory)
-
-
-def is_held_out(name: str, eval_fraction: float) -> bool:
-  """A stable split by document name: the same on every machine and every run."""
-  digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
-  return int.from_bytes(digest, "little") / 2.0 ** 64 < eval_fraction
-
-
-def split(corpus: Corpus, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Document ids of (train, held-out)."""
-  held = np.array([is_held_out(n, eval_fraction) for n in corpus.names], bool)
-  return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 # ---------------------------------------------------------------- windows

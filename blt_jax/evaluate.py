@@ -17,14 +17,16 @@ def apply(model, batch, packed: bool = False, shards: int = 1):
   return model(batch["inputs"], batch.get("patch_lengths"))
 
 
-def token_stats(logits_BxTxV, batch):
-  """Sums over real target bytes only: (nll in nats, correct predictions, count)."""
+def token_stats(logits_BxTxV, batch, axis=None):
+  """Sums over real target bytes only: (nll in nats, correct predictions, count), over
+  `axis` (default: all; `()`: per byte, zero at padding)."""
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
   targets_BxT = batch["targets"]
   nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
   mask_BxT = batch["mask"].astype(jnp.float32)
   correct_BxT = (jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
-  return (jnp.sum(nll_BxT * mask_BxT), jnp.sum(correct_BxT * mask_BxT), jnp.sum(mask_BxT))
+  return (jnp.sum(nll_BxT * mask_BxT, axis), jnp.sum(correct_BxT * mask_BxT, axis),
+          jnp.sum(mask_BxT, axis))
 
 
 def summarize(nll: float, correct: float, count: float) -> dict:
@@ -37,12 +39,13 @@ def summarize(nll: float, correct: float, count: float) -> dict:
 
 
 class Evaluator:
-  """Jit-compiles one eval step for a model's graph and reuses it for every call."""
+  """Jit-compiles one eval step for a model's graph and reuses it for every call. Sums
+  per-byte values on the host in float64, so long evals keep their digits."""
 
   def __init__(self, graphdef):
     def step(state, batch):
       model = nnx.merge(graphdef, state)
-      return token_stats(apply(model, batch), batch)
+      return token_stats(apply(model, batch), batch, axis=())
     self._step = jax.jit(step)
 
   def __call__(self, state, batches, *, total: int | None = None, desc: str = "eval",
@@ -50,5 +53,5 @@ class Evaluator:
     sums = np.zeros(3, np.float64)
     for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not progress,
                       unit="batch", dynamic_ncols=True):
-      sums += np.array([float(s) for s in self._step(state, batch)])
+      sums += [np.sum(np.asarray(s, np.float64)) for s in self._step(state, batch)]
     return summarize(*sums)

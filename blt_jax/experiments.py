@@ -163,6 +163,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path):
   runs = expand(sweep)  # builds every variant's config: typos fail before any training
   if not runs:
     raise UserError("the sweep has no variants to run")
+  check_entropy_models(sweep, runs)
   rows, failed = [], []
   for run in runs:
     try:
@@ -178,6 +179,18 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path):
   if failed:
     raise UserError(f"{len(failed)} of {len(runs)} runs failed "
                     f"({', '.join(r['name'] for r, _ in failed)}); see {workdir}/results.md")
+
+
+def check_entropy_models(sweep, runs: list[dict]):
+  """Every trained entropy model a sweep names has its variants' split, checked before
+  anything trains."""
+  from blt_jax import checkpoint, pipeline, splits
+  for run in runs:
+    workdir = run["overrides"].get("patching.entropy_workdir")
+    if workdir and Path(workdir).is_dir() and checkpoint.Checkpointer(
+        workdir).latest_step() is not None:
+      config = variant_config(sweep, run)
+      pipeline.check_entropy_workdir(workdir, splits.Splits(config).split)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -42,14 +42,15 @@ def model_summary(config, model, mean_patch_size: float | None = None) -> dict:
 
 
 def train(config, workdir: Path):
-  from blt_jax import pipeline, sharding, train as train_lib
+  from blt_jax import pipeline, sharding, splits as splits_lib, train as train_lib
   t0 = time.time()
   sharding.train_mesh(config)  # a bad mesh or batch fails before any data is read
-  splits = train_lib.Splits(config)
+  splits = splits_lib.Splits(config)
+  splits_lib.check_workdir(workdir, splits.split)  # fails before anything trains
   transform, eval_transform = pipeline.prepare(config, splits, workdir)
   summary = {}
   if eval_transform is not None:
-    batches, _ = splits.eval_batches(config, config.eval.max_bytes, on_device=False)
+    batches, _ = splits.eval_batches(config, config.eval.max_bytes)
     summary.update(pipeline.patch_stats(eval_transform, batches))
   result = train_lib.train(config, workdir, splits=splits, transform=transform,
                            eval_transform=eval_transform)
@@ -59,6 +60,7 @@ def train(config, workdir: Path):
   summary["wall_s"] = time.time() - t0
   if config.patching.mode in pipeline.ENTROPY_MODES:
     summary["threshold"] = config.patching.threshold
+    summary["entropy_workdir"] = config.patching.entropy_workdir
   model = train_lib.build_model(config)
   summary.update(model_summary(config, model, summary.get("mean_patch_size")))
   pipeline.save_summary(workdir, summary)
@@ -77,7 +79,7 @@ def format_summary(workdir, s: dict) -> str:
 
 
 def evaluate(config, workdir: Path):
-  from blt_jax import api, checkpoint, train as train_lib
+  from blt_jax import api, checkpoint, splits as splits_lib, train as train_lib
   from blt_jax.evaluate import Evaluator
   from flax import nnx
   step = None if config.eval.step < 0 else config.eval.step
@@ -88,7 +90,12 @@ def evaluate(config, workdir: Path):
   config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),
                                       "data": {**lm.config.data.to_dict(),
                                                "cache_dir": config.data.cache_dir}})
-  splits = train_lib.Splits(config)
+  recorded = splits_lib.Split.load(workdir)
+  if recorded is None and not config.eval.corpus:
+    raise UserError(f"{workdir} has no {splits_lib.SPLIT_FILE}: it was trained before runs "
+                    "recorded their held-out split, so its held-out documents are unknown; "
+                    "evaluate it on eval.corpus")
+  splits = splits_lib.Splits(config, recorded)  # the documents the run held out
   transform = None
   if lm.patcher is not None:
     from blt_jax import entropy, pipeline
@@ -97,7 +104,7 @@ def evaluate(config, workdir: Path):
     transform = pipeline.Patcher(config.patching, config.model.max_patches, h, lm.patcher.lm)
   batches, total = splits.eval_batches(config, config.eval.max_bytes, transform)
   graphdef, state = nnx.split(lm.model)
-  result = Evaluator(graphdef)(state, batches, total=total)
+  result = Evaluator(graphdef)(state, (train_lib.to_device(b) for b in batches), total=total)
   result.update(step=step, corpus=config.eval.corpus or f"{config.data.corpus} (held-out)")
   (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
   print(f"{workdir} step {step}: bpb {result['bpb']:.4f}  loss {result['loss']:.4f}  "
@@ -122,7 +129,7 @@ def sample(config, workdir: Path):
 
 def patch(config, workdir: Path):
   """Shows how a text is patched: marked text, a PNG of entropies and boundaries."""
-  from blt_jax import checkpoint, entropy, patching, pipeline, plots, train as train_lib
+  from blt_jax import checkpoint, entropy, patching, pipeline, plots, splits as splits_lib
   p = config.patching
   if p.file:
     if not Path(p.file).is_file():
@@ -140,9 +147,9 @@ def patch(config, workdir: Path):
       p[key] = saved["patching"][key] if p.mode == saved["patching"]["mode"] else p[key]
   h = None
   if p.mode in pipeline.ENTROPY_MODES:
-    lm = pipeline.entropy_model(config)
+    splits = splits_lib.Splits(config, splits_lib.Split.load(workdir))  # a run's own split
+    lm = pipeline.entropy_model(config, splits.split)
     if p.threshold < 0:
-      splits = train_lib.Splits(config)
       p.threshold = pipeline.calibrate(config, splits, entropy.corpus_entropies(
           lm, splits.corpus, config.data.cache_dir))
     h = entropy.document_entropies(lm, raw)

@@ -3,7 +3,6 @@ once (cached), calibrate the threshold on training data only, and patch every ba
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from blt_jax import api, checkpoint, data, entropy, patching
+from blt_jax import api, checkpoint, data, entropy, patching, splits as splits_lib
 from blt_jax.errors import UserError
 
 ENTROPY_MODES = ("global", "monotonic")
@@ -39,13 +38,28 @@ def default_workdir(config_spec: str, size: str) -> str:
   return f"runs/{name}" if size == "small" else f"runs/{name}_{size}"
 
 
-def entropy_model(config: ml_collections.ConfigDict, progress: bool = True) -> api.LanguageModel:
-  """The run's entropy model: reused from its workdir when trained, else trained now.
+def check_entropy_workdir(workdir: str | Path, split: splits_lib.Split):
+  """A trained entropy model must hold out exactly the run's documents: one that trained on
+  them would place boundaries by how well it knows the bytes being scored."""
+  recorded = splits_lib.Split.load(workdir)
+  if recorded is None:
+    raise UserError(f"patching.entropy_workdir {workdir} has no {splits_lib.SPLIT_FILE}: it was "
+                    "trained before runs recorded their split; retrain it")
+  diff = split.difference(recorded)
+  if diff is not None:
+    raise UserError(f"patching.entropy_workdir {workdir} was trained on another split: {diff}")
+
+
+def entropy_model(config: ml_collections.ConfigDict, split: splits_lib.Split,
+                  progress: bool = True) -> api.LanguageModel:
+  """The run's entropy model: reused from its workdir when trained, else trained now, on
+  the run's `split` (same corpus, same held-out documents).
 
   `patching.entropy_workdir` may name any trained next-byte model run (a byte LM, a
-  fine-tuned Qwen3, ...): its own saved config is used, and it is finished if it stopped
-  early. Otherwise `patching.entropy_config` is trained there (or in its default workdir).
-  Resolves `patching.entropy_workdir` to an absolute path in `config`.
+  fine-tuned Qwen3, ...) of the same split: its own saved config is used, and it is
+  finished if it stopped early. Otherwise `patching.entropy_config` is trained there (or in
+  its default workdir, keyed on the split). Resolves `patching.entropy_workdir` to an
+  absolute path in `config`.
   """
   from blt_jax import train as train_lib
   p = config.patching
@@ -53,6 +67,7 @@ def entropy_model(config: ml_collections.ConfigDict, progress: bool = True) -> a
   workdir = p.entropy_workdir
   if (workdir and Path(workdir).is_dir()
       and checkpoint.Checkpointer(workdir).latest_step() is not None):
+    check_entropy_workdir(workdir, split)
     ecfg = ml_collections.ConfigDict(checkpoint.read_config(workdir)[0])
     ecfg.train.stop_at = 0
     if ecfg.patching.mode != "none":
@@ -60,17 +75,16 @@ def entropy_model(config: ml_collections.ConfigDict, progress: bool = True) -> a
                       f"({ecfg.model.kind}); an entropy model is a plain next-byte model")
   else:
     ecfg = load_config_file(spec)
-    ecfg.data.corpus = config.data.corpus
-    ecfg.data.cache_dir = config.data.cache_dir
+    for key in ("corpus", "cache_dir", "eval_fraction"):  # the run's split
+      ecfg.data[key] = config.data[key]
   if not workdir:
-    workdir = default_workdir(spec, ecfg.size)
-    if config.data.corpus != "stdlib":  # one entropy model per corpus
-      workdir += "-" + hashlib.blake2b(config.data.corpus.encode(), digest_size=4).hexdigest()
+    workdir = f"{default_workdir(spec, ecfg.size)}-{split.key}"
   workdir = Path(workdir).absolute()
   done = checkpoint.Checkpointer(workdir).latest_step() if workdir.exists() else None
   if done is None or done < ecfg.train.steps:
     print(f"training the entropy model in {workdir} ({spec})")
     train_lib.train(ecfg, workdir, progress=progress)
+  check_entropy_workdir(workdir, split)
   p.entropy_workdir = str(workdir)
   return api.load(workdir)
 
@@ -176,7 +190,7 @@ def prepare(config: ml_collections.ConfigDict, splits, workdir=None, progress: b
                     "patching.target_patch_size > 0")
   lm = corpus_h = eval_h = None
   if p.mode in ENTROPY_MODES:
-    lm = entropy_model(config, progress)
+    lm = entropy_model(config, splits.split, progress)
     corpus_h = entropy.corpus_entropies(lm, splits.corpus, config.data.cache_dir, progress)
     eval_h = (corpus_h if splits.eval_corpus is splits.corpus else
               entropy.corpus_entropies(lm, splits.eval_corpus, config.data.cache_dir, progress))

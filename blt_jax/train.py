@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from blt_jax import checkpoint, data, models, sharding
+from blt_jax import checkpoint, data, models, sharding, splits as splits_lib
 from blt_jax.errors import UserError
 from blt_jax.evaluate import Evaluator, apply, token_stats
 
@@ -155,39 +155,6 @@ def check_same_model(saved: dict, current: ml_collections.ConfigDict, workdir):
                       f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")
 
 
-class Splits:
-  """The corpus of a run, its train/held-out documents, and the eval corpus."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    d = config.data
-    self.corpus = data.prepare(d.corpus, cache_dir=d.cache_dir, max_doc_bytes=d.max_doc_bytes)
-    self.train_ids, self.heldout_ids = data.split(self.corpus, d.eval_fraction)
-    n_train = int(sum(self.corpus.offsets[i + 1] - self.corpus.offsets[i]
-                      for i in self.train_ids))
-    if n_train < d.seq_len:
-      raise UserError(f"corpus {d.corpus!r} has {n_train} training bytes, fewer than one "
-                      f"window (data.seq_len={d.seq_len})")
-    if config.eval.corpus:
-      self.eval_corpus = data.prepare(config.eval.corpus, cache_dir=d.cache_dir,
-                                      max_doc_bytes=d.max_doc_bytes)
-      self.eval_ids = np.arange(len(self.eval_corpus.names))
-    else:
-      if not len(self.heldout_ids):
-        raise UserError(f"corpus {d.corpus!r} has no held-out documents "
-                        f"({len(self.corpus.names)} in all); raise data.eval_fraction")
-      self.eval_corpus, self.eval_ids = self.corpus, self.heldout_ids
-
-  def eval_batches(self, config, max_bytes: int, transform=None, on_device: bool = True,
-                   mesh=None):
-    """(batches, number of batches) of the eval windows; numpy when not `on_device`."""
-    kw = dict(seq_len=config.data.seq_len, max_bytes=max_bytes)
-    total = -(-len(data.eval_table(self.eval_corpus, self.eval_ids, **kw))
-              // config.eval.batch_size)
-    batches = data.eval_batches(self.eval_corpus, self.eval_ids,
-                                batch_size=config.eval.batch_size, transform=transform, **kw)
-    return ((to_device(b, mesh) for b in batches) if on_device else batches), total
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None,
           transform=None, eval_transform=None, progress: bool = True, devices=None) -> dict:
   """Trains (or resumes) to `train.steps`, then evaluates on held-out data.
@@ -201,7 +168,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   mesh = sharding.train_mesh(config, devices)
-  splits = splits or Splits(config)
+  splits = splits or splits_lib.Splits(config)
+  splits_lib.claim(workdir, splits.split)  # never resume on another split
   eval_transform = eval_transform or transform
   shard, n_shards = sharding.process_shard()
   train_iter = iter(data.train_dataset(splits.corpus, splits.train_ids,
@@ -232,8 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   evaluator = Evaluator(model_graphdef)
 
   def held_out(max_bytes, desc):
-    batches, total = splits.eval_batches(config, max_bytes, eval_transform, mesh=mesh)
-    return evaluator(state[0], batches, total=total, desc=desc,
+    batches, total = splits.eval_batches(config, max_bytes, eval_transform)
+    return evaluator(state[0], (to_device(b, mesh) for b in batches), total=total, desc=desc,
                      progress=progress and lead)
 
   lead = jax.process_index() == 0  # one process writes metrics and shows progress

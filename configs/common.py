@@ -79,8 +79,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "stdlib"   # stdlib | path | dir | glob | *.jsonl | *.parquet | hf:NAME
   c.data.seq_len = s["seq_len"]  # target bytes per training window (BOS is prepended)
-  c.data.eval_fraction = 0.05    # share of documents held out, chosen by a hash of the name
-  c.data.max_doc_bytes = 65536   # longer documents are split into pieces before the split
+  c.data.eval_fraction = 0.05    # share of source documents held out, by a hash of the name
   c.data.cache_dir = ""          # prepared corpora and entropy caches; '' = ~/.cache/blt_jax
 
   c.model = ml_collections.ConfigDict()

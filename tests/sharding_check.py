@@ -35,9 +35,9 @@ def config(**overrides):
 
 def run(workdir: Path, devices=None, **overrides) -> dict:
   """Trains; (per-step losses of every invocation in the workdir, final eval loss)."""
-  from blt_jax import pipeline, train
+  from blt_jax import pipeline, splits as splits_lib, train
   c = config(**overrides)
-  splits = train.Splits(c)
+  splits = splits_lib.Splits(c)
   transform, eval_transform = pipeline.prepare(c, splits, None, progress=False)
   result = train.train(c, workdir, splits=splits, transform=transform,
                        eval_transform=eval_transform, progress=False, devices=devices)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from blt_jax import data
+from blt_jax import data, splits
 from blt_jax.errors import UserError
 from tests.conftest import launch
 
@@ -37,10 +37,8 @@ def test_jsonl_glob_and_long_documents(tmp_path):
   assert corpus.doc(2) == "line 2 é".encode()
   make_corpus(tmp_path / "g", n_docs=3)
   assert len(data.prepare(str(tmp_path / "g" / "*.txt")).names) == 3
-  long = data.prepare(str(tmp_path / "g" / "doc000.txt"), max_doc_bytes=100)
-  assert len(long.names) > 5 and all(len(long.doc(i)) <= 100 for i in range(len(long.names)))
-  assert b"".join(long.doc(i) for i in range(len(long.names))) == \
-      (tmp_path / "g" / "doc000.txt").read_bytes()
+  one = data.prepare(str(tmp_path / "g" / "doc000.txt"))  # a file is one document, whole
+  assert one.names == ["doc000.txt"] and one.doc(0) == (tmp_path / "g" / "doc000.txt").read_bytes()
 
 
 def test_parquet(tmp_path):
@@ -55,13 +53,11 @@ def test_stdlib_corpus_has_no_tests_and_split_is_disjoint():
   corpus = data.prepare("stdlib")
   assert not any(part in ("test", "tests", "site-packages") for n in corpus.names
                  for part in n.split("/")[:-1])
-  train, held = data.split(corpus, 0.05)
-  assert len(held) > 5 and len(train) > 10 * len(held)
-  assert not set(train) & set(held) and len(train) + len(held) == len(corpus.names)
-  names_held = {corpus.names[i] for i in held}
-  assert not names_held & {corpus.names[i] for i in train}
+  held = splits.Split.of(corpus, 0.05).held_out
+  assert 5 < len(held) < len(corpus.names) / 10 and len(set(held)) == len(held)
   # stable: a name's side never depends on the rest of the corpus
-  assert all(data.is_held_out(n, 0.05) for n in names_held)
+  assert all(splits.is_held_out(n, 0.05) for n in held)
+  assert sum(splits.is_held_out(n, 0.05) for n in corpus.names) == len(held)
 
 
 def test_windows_start_with_bos_and_mask_padding(tmp_path):
