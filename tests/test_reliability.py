@@ -1,6 +1,7 @@
 """Losing nothing: kill -9 and resume, damaged checkpoints, divergence, atomic caches."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -171,3 +172,28 @@ def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
   restored, _, step = ckpt.restore(None, checkpoint.abstract(old))  # its own layout still loads
   assert step == 3 and restored["attn"]["q"]["kernel"].shape == (4, 4)
   ckpt.close()
+
+
+def test_a_run_resumes_and_evaluates_only_on_its_own_split(unbroken, tmp_path):
+  workdir = tmp_path / "run"
+  subprocess.run(["cp", "-r", str(unbroken), str(workdir)], check=True)
+  steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  result = launch(*TINY, f"--workdir={workdir}", "--config.train.steps=35",
+                  "--config.data.eval_fraction=0.1")
+  assert result.returncode == 2, result.stderr[-2000:]
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith(f"error: {workdir} holds a run on another split: eval_fraction 0.05")
+  assert "it trained on" in line and "documents this run holds out (e.g." in line
+  # eval scores the documents the run held out, whatever eval_fraction says now
+  result = launch(*TINY, f"--workdir={workdir}", "--config.mode=eval",
+                  "--config.data.eval_fraction=0.5")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads((workdir / "eval.json").read_text())["bytes"] == json.loads(
+      (unbroken / "eval.json").read_text())["bytes"]
+  (workdir / "split.json").unlink()  # a run from before splits were recorded
+  for extra, needle in (("--config.train.steps=35", "has checkpoints but no split.json"),
+                        ("--config.mode=eval", "has no split.json")):
+    result = launch(*TINY, f"--workdir={workdir}", extra)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
