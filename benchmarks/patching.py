@@ -73,8 +73,9 @@ def main():
   ap.add_argument("--max-patches", type=int, default=0, help="default: seq_len // 2")
   ap.add_argument("--target-patch-size", type=float, default=4.5)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--entropy-workdir", default="runs/entropy_patcher",
-                  help="a trained entropy model whose corpus scoring is timed (skipped if absent)")
+  ap.add_argument("--entropy-workdir", default="",
+                  help="a trained entropy model whose corpus scoring is timed; default: the "
+                       "newest runs/entropy_patcher-* (skipped if there is none)")
   args = ap.parse_args()
   N, T, m = args.rows, args.seq_len, args.max_patch_len
   P = args.max_patches or T // 2
@@ -124,8 +125,11 @@ def main():
   jax_rate = rates["full path (JAX, jitted)"]
   print(f"  ratio full path JAX / NumPy {jax_rate / rates['full path (NumPy, vectorised)']:.2f}, "
         f"JAX / Python loop {jax_rate / rates['full path (Python loop)']:.0f}")
-  if Path(args.entropy_workdir, "checkpoints").is_dir():
-    rates["entropy scoring"] = scoring_rate(args.entropy_workdir)
+  trained = sorted(Path("runs").glob("entropy_patcher-*/checkpoints"),
+                   key=lambda p: p.stat().st_mtime)
+  workdir = args.entropy_workdir or (str(trained[-1].parent) if trained else "")
+  if workdir and Path(workdir, "checkpoints").is_dir():
+    rates["entropy scoring"] = scoring_rate(workdir)
   return rates
 
 

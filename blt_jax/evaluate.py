@@ -9,6 +9,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from blt_jax.sharding import replicated
+
 def apply(model, batch, packed: bool = False, shards: int = 1):
   """Logits of a batch; `packed` (BLT) runs the global transformer on packed slots, kept
   within each of the batch's `shards` (devices)."""
@@ -40,13 +42,14 @@ def summarize(nll: float, correct: float, count: float) -> dict:
 
 class Evaluator:
   """Jit-compiles one eval step for a model's graph and reuses it for every call. Sums
-  per-byte values on the host in float64, so long evals keep their digits."""
+  per-byte values on the host in float64, so long evals keep their digits; on a `mesh`,
+  the per-byte values come back whole to every process."""
 
-  def __init__(self, graphdef):
+  def __init__(self, graphdef, mesh=None):
     def step(state, batch):
       model = nnx.merge(graphdef, state)
       return token_stats(apply(model, batch), batch, axis=())
-    self._step = jax.jit(step)
+    self._step = jax.jit(step, out_shardings=None if mesh is None else replicated(mesh))
 
   def __call__(self, state, batches, *, total: int | None = None, desc: str = "eval",
                progress: bool = True) -> dict:

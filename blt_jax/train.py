@@ -197,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
 
   step_fn = make_train_step(graphdef, grad_accum=t.grad_accum, shardings=shardings,
                             mesh=mesh)
-  evaluator = Evaluator(model_graphdef)
+  evaluator = Evaluator(model_graphdef, mesh)
 
   def held_out(max_bytes, desc):
     batches, total = splits.eval_batches(config, max_bytes, eval_transform)

@@ -22,6 +22,19 @@ def private_cache(tmp_path_factory):
   return cache
 
 
+# Tests run on two pytest-xdist workers (pyproject's addopts). Tests that share an expensive
+# fixture go to one worker, so it is built once: the first of these names a test uses.
+SHARED_FIXTURES = ("blt_run", "eight", "unbroken", "tiny_run")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+  for item in items:
+    shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(shared[0]))
+
+
 def launch(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
   """Runs launch.py in a subprocess, as a user would."""
   return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd,
