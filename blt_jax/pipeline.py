@@ -38,6 +38,12 @@ def default_workdir(config_spec: str, size: str) -> str:
   return f"runs/{name}" if size == "small" else f"runs/{name}_{size}"
 
 
+def default_entropy_workdir(spec: str, size: str, split: splits_lib.Split) -> str:
+  """runs/<entropy config>[_<size>]-<split key>: one entropy model per split, so a model
+  trained on another split is never picked up."""
+  return f"{default_workdir(spec, size)}-{split.key}"
+
+
 def check_entropy_workdir(workdir: str | Path, split: splits_lib.Split):
   """A trained entropy model must hold out exactly the run's documents: one that trained on
   them would place boundaries by how well it knows the bytes being scored."""
@@ -78,7 +84,7 @@ def entropy_model(config: ml_collections.ConfigDict, split: splits_lib.Split,
     for key in ("corpus", "cache_dir", "eval_fraction"):  # the run's split
       ecfg.data[key] = config.data[key]
   if not workdir:
-    workdir = f"{default_workdir(spec, ecfg.size)}-{split.key}"
+    workdir = default_entropy_workdir(spec, ecfg.size, split)
   workdir = Path(workdir).absolute()
   done = checkpoint.Checkpointer(workdir).latest_step() if workdir.exists() else None
   if done is None or done < ecfg.train.steps:

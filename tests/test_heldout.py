@@ -122,10 +122,14 @@ def test_sweep_entropy_model_of_another_corpus_stops_before_training(blt_run, sm
 
 def test_default_entropy_workdir_is_keyed_on_the_split():
   config = tiny_config("patch3")
+  spec = config.patching.entropy_config
   a = splits.Splits(config).split
   config.data.eval_fraction = 0.1
   b = splits.Splits(config).split
-  assert a.key != b.key and len(b.held_out) > len(a.held_out)
+  assert len(b.held_out) > len(a.held_out)
+  dirs = {pipeline.default_entropy_workdir(spec, "tiny", s) for s in (a, b)}
+  assert dirs == {f"runs/entropy_patcher_tiny-{a.key}", f"runs/entropy_patcher_tiny-{b.key}"}
+  assert a.key != b.key and a.key == splits.Split.of(data.prepare("stdlib"), 0.05).key
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -247,6 +251,6 @@ def test_bf16_compute_stays_close_to_fp32(run, tiny_run, blt_run):
   bf16 = api.LanguageModel(model, config, step, fp32.patcher)
   a, b = fp32.next_byte_logprobs(TEXT[:200]), bf16.next_byte_logprobs(TEXT[:200])
   likely = a > math.log(0.01)  # bytes the model gives at least 1%
-  assert np.abs(a - b)[likely].max() < 0.15
-  assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+  assert np.abs(a - b)[likely].max() < 0.05  # measured 0.013 on both tiny runs
+  assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
   assert np.abs(a - b).max() > 0  # bf16 did run
