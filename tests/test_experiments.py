@@ -10,14 +10,14 @@ import pytest
 
 from tests.conftest import launch, tiny_config
 
-PATCH_SIZES = ("patch3", "patch5", "patch7", "patch10", "patch12")
+PATCH_SIZES = ("patch3", "patch7", "patch12")  # three of the five rows: the ends and one between
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(blt_run):
   """The tiny patch-size sweep, patching with the BLT tests' entropy model (scored once)."""
   result = launch("--config=configs/sweeps/patch_size.py:size=tiny",
-                  f"--workdir={blt_run / 'ps'}",
+                  f"--workdir={blt_run / 'ps'}", f"--config.sweep.only={','.join(PATCH_SIZES)}",
                   f"--config.sweep.entropy_models={blt_run / 'entropy'}")
   assert result.returncode == 0, result.stderr[-3000:]
   return blt_run
