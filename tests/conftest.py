@@ -14,25 +14,25 @@ sys.path.insert(0, str(ROOT))  # so `configs.*` import in-process as they do und
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-  """Corpora and entropy caches of the tests live in a temporary folder."""
+  """Corpora and entropy caches of the tests live in a temporary folder; compiled XLA
+  programs in one more, shared by this session's workers and launched subprocesses (the
+  same tiny programs compile dozens of times otherwise)."""
   cache = tmp_path_factory.mktemp("cache")
   os.environ["BLT_JAX_CACHE"] = str(cache)
+  session = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    session = session.parent  # the workers' common folder
+  compiled = {"JAX_COMPILATION_CACHE_DIR": str(session / "xla_cache"),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  os.environ.update(compiled)
+  import jax
+  jax.config.update("jax_compilation_cache_dir", compiled["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from absl import flags
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
   return cache
-
-
-# Tests run on two pytest-xdist workers (pyproject's addopts). Tests that share an expensive
-# fixture go to one worker, so it is built once: the first of these names a test uses.
-SHARED_FIXTURES = ("blt_run", "eight", "unbroken", "tiny_run")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-  for item in items:
-    shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
-    if shared:
-      item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 def launch(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:

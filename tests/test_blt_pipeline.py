@@ -60,8 +60,8 @@ def test_entropy_cache_matches_direct_scoring_and_is_reused(blt_run):
   corpus = data.prepare("stdlib")
   cached = entropy.corpus_entropies(lm, corpus)
   assert cached.shape == corpus.data.shape and cached.dtype == np.float32
-  files = sorted((data.cache_root() / "entropies").glob("*.npy"))
-  assert len(files) == 1  # scored once by the run, reused here
+  files = sorted((data.cache_root() / "entropies").glob(f"{corpus.fingerprint}-*.npy"))
+  assert len(files) == 1  # the corpus was scored once by the run, reused here
   doc = int(np.argmax(np.diff(corpus.offsets)))  # the longest document spans many windows
   lo, hi = corpus.offsets[doc], corpus.offsets[doc + 1]
   direct = entropy.document_entropies(lm, corpus.doc(doc))
