@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from blt_jax import api, checkpoint, entropy, patching, pipeline, plots, splits
+from blt_jax import train as train_lib
 from blt_jax.errors import UserError
 
 # (results key, table header, format) in table order; mean (± std over seeds) per variant.
@@ -66,7 +68,6 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
                     f"(known: {', '.join(sweep.variants)})")
   if sweep.seeds < 1:
     raise UserError(f"sweep.seeds must be >= 1, got {sweep.seeds}")
-  from blt_jax import pipeline
   runs = []
   for name, v in sorted(sweep.variants.items(), key=lambda item: item[1].rank):
     if only and name not in only:
@@ -88,7 +89,6 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
 def variant_config(sweep: ml_collections.ConfigDict, run: dict,
                    mesh: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """A run's config: its file, its overrides, the seed, the sweep-wide fields and mesh."""
-  from blt_jax import pipeline
   config = pipeline.load_config_file(run["config"])
   if mesh is not None:
     config.mesh = ml_collections.ConfigDict(mesh.to_dict())
@@ -109,7 +109,6 @@ def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
   per byte position of the batch: the FLOPs executed, masked parts of attention blocks and every
   patch slot included, unlike the analytic model FLOPs of `models.flops`."""
   from flax import nnx
-  from blt_jax import train as train_lib
 
   def init():
     model = train_lib.build_model(config)
@@ -132,16 +131,15 @@ def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
 
 def run_one(config, run: dict, workdir: Path) -> dict:
   """Trains one variant at one seed unless finished; its summary plus the sweep fields."""
-  from blt_jax import checkpoint, modes
+  from blt_jax import modes  # modes runs sweeps through this module
   config = variant_config(config.sweep, run, config.mesh)
   summary_file = workdir / "summary.json"
   summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
   if summary.get("step", -1) >= config.train.steps:
-    from blt_jax import train
     saved = checkpoint.read_config(workdir)[0]
     if config.model.get("max_patches", 1) <= 0:  # derived when the run started
       config.model.max_patches = saved["model"]["max_patches"]
-    train.check_same_model(saved, config, workdir)  # a stale row from an edited sweep
+    train_lib.check_same_model(saved, config, workdir)  # a stale row from an edited sweep
     print(f"{run['name']} seed {run['seed']}: finished, reusing {workdir}")
   else:
     print(f"\n=== {run['name']} seed {run['seed']} ({run['config']}) -> {workdir}")
@@ -184,7 +182,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: Path):
 def check_entropy_models(sweep, runs: list[dict]):
   """Every trained entropy model a sweep names has its variants' split, checked before
   anything trains."""
-  from blt_jax import checkpoint, pipeline, splits
   for run in runs:
     workdir = run["overrides"].get("patching.entropy_workdir")
     if workdir and Path(workdir).is_dir() and checkpoint.Checkpointer(
@@ -264,7 +261,6 @@ def write_results(workdir: Path, config, rows, table, failed):
 # ------------------------------------------------------------------------- plots
 
 def plot_results(workdir: Path, sweep, table: list[dict], rows: list[dict]):
-  from blt_jax import plots
   plots.sweep_curve(table, x="mean_patch_size", xlabel="mean patch size (bytes, held-out)",
                     path=workdir / "bpb_vs_patch_size.png", title=sweep.title,
                     connect=sweep.connect)
@@ -276,7 +272,6 @@ def plot_results(workdir: Path, sweep, table: list[dict], rows: list[dict]):
 
 def boundaries_figure(workdir: Path, sweep, rows: list[dict]):
   """The sample text's entropies with each patched variant's boundaries (seed 0)."""
-  from blt_jax import api, patching, plots
   raw = sweep.sample_text.encode("utf-8")
   panels, h_by_model = [], {}
   for row in rows:
@@ -287,7 +282,6 @@ def boundaries_figure(workdir: Path, sweep, rows: list[dict]):
     h = None
     if p.mode in patching.THRESHOLD_MODES:
       if p.entropy_workdir not in h_by_model:
-        from blt_jax import entropy
         h_by_model[p.entropy_workdir] = entropy.document_entropies(lm.patcher.lm, raw)
       h = h_by_model[p.entropy_workdir]
     starts = np.asarray(patching.patch_starts(

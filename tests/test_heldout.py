@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
@@ -47,8 +48,7 @@ def sides(corpus, train_ids, heldout_ids, seq_len=64):
 def test_no_source_document_has_bytes_on_both_sides(tmp_path):
   root = tmp_path / "c"
   root.mkdir()
-  src = b"".join(p.read_bytes() for p in sorted(__import__("pathlib").Path(
-      json.__file__).parent.glob("*.py")))
+  src = b"".join(p.read_bytes() for p in sorted(Path(json.__file__).parent.glob("*.py")))
   for i in range(60):  # long files: each spans many windows
     (root / f"f{i:02d}.py").write_bytes(src[:20000 + 997 * i])
   (root / "records.jsonl").write_text("".join(json.dumps({"text": f"record {i} " * (40 + i)})
