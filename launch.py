@@ -6,14 +6,14 @@ Modes (--config.mode): train (default), eval, patch, sample.
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs can import common
+from blt_jax import config_files, jobs
+from blt_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:size=tiny]).",
@@ -23,17 +23,15 @@ flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>[
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  from blt_jax import modes, pipeline
-  from blt_jax.errors import UserError
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
   if config is None:
     fail("--config is required, e.g. --config=configs/patch3.py")
-  workdir = FLAGS.workdir or pipeline.default_workdir(config_flags.get_config_filename(FLAGS["config"]),
-                                             config.get("size", "small"))
+  workdir = FLAGS.workdir or config_files.default_workdir(
+      config_flags.get_config_filename(FLAGS["config"]), config.get("size", "small"))
   try:
-    modes.run(config, workdir)
+    jobs.run(config, workdir)
   except UserError as e:
     fail(str(e))
   except KeyboardInterrupt:

@@ -14,7 +14,8 @@ import time
 import jax
 import numpy as np
 
-from blt_jax import patching
+import blt_jax
+from blt_jax import data as data_lib, entropy, patching
 
 
 def best_time(fn, repeats: int) -> float:
@@ -135,8 +136,6 @@ def main():
 
 def scoring_rate(workdir: str, n_bytes: int = 1_000_000) -> float:
   """Entropy-cache scoring bytes/s: a trained entropy model over ~1M stdlib bytes."""
-  import blt_jax
-  from blt_jax import data as data_lib, entropy
   lm = blt_jax.load(workdir)
   corpus = data_lib.prepare("stdlib")
   n_docs = int(np.searchsorted(corpus.offsets, n_bytes))

@@ -29,13 +29,10 @@ the process's peak RSS so far, and on accelerators the device's peak bytes in us
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +72,7 @@ def matched_baseline(blt_flops: float, seq_len: int, template: dict) -> dict:
   best = None
   for dim in range(heads * 2, 4097, heads * 2):  # even head dims (RoPE)
     fields = {**template, "dim": dim}
-    f = flops.flops_per_byte(models.config_for("byte_lm", fields), seq_len)
+    f = flops.byte_lm_flops_per_byte(models.config_for({"kind": "byte_lm", **fields}), seq_len)
     if best is None or abs(f - blt_flops) < abs(best[0] - blt_flops):
       best = (f, fields)
   return best[1]
@@ -101,11 +98,10 @@ def synthetic_batch(B: int, T: int, rng, max_patches: int | None, patch_size: fl
 
 def measure(name: str, kind: str, fields: dict, B: int, T: int, args, timed_peak,
             patch_size: float = 0.0, static: bool = False) -> dict:
-  cfg = models.config_for(kind, fields)
   batch_np, mean_patch = synthetic_batch(B, T, np.random.default_rng(0),
                                          fields.get("max_patches"), patch_size, static)
-  fpb = flops.flops_per_byte(cfg, T, mean_patch)
-  model = models.build(kind, fields)
+  model = models.build({"kind": kind, **fields})
+  fpb = model.flops_per_byte(T, mean_patch)
   n_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tcfg = common.base_config("size=small").train
   tcfg.steps = 10_000
@@ -175,7 +171,6 @@ def main():
   parser.add_argument("--matmul", type=int, default=0, help="peak matmul size (0: by device)")
   args = parser.parse_args()
 
-  import importlib
   patch3 = importlib.import_module("configs.patch3").get_config(f"size={args.size}")
   baseline = importlib.import_module("configs.byte_baseline").get_config(f"size={args.size}")
   dtype = jnp.dtype(patch3.model.dtype)

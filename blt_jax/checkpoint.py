@@ -1,7 +1,9 @@
 """Orbax checkpoints of a run: parameters + optimizer state, the data iterator, and the
-resolved config. The only module that touches orbax."""
+run's config; which checkpoint restores into which model. The only module that touches
+orbax."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -60,6 +62,20 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def restore_params(self, step: int | None, abstract_params) -> tuple[dict, int]:
+    """(the model's parameters, step) at `step` (None: the latest readable), without the
+    optimizer state: the first part of the saved (model, optimizer) state."""
+    first = step if step is not None else self.latest_step()
+    self._check_layout(first, {0: abstract_params}, partial=True)
+
+    def read(s):
+      item = {0: abstract_params}
+      args = ocp.args.PyTreeRestore(item, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+      restored = self.manager.restore(s, args=ocp.args.Composite(state=args))
+      return restored["state"][0], s
+    return self._first_readable(step, read)
+
   def restore(self, step: int | None, abstract_state, *, data_iter=None):
     """Restores (state, config, step) at `step`, and the data iterator in place.
 
@@ -80,7 +96,7 @@ class Checkpointer:
       return restored["state"], restored["config"], s
     return self._first_readable(step, read)
 
-  def _check_layout(self, step: int | None, abstract_state):
+  def _check_layout(self, step: int | None, abstract_state, partial: bool = False):
     """A checkpoint of another parameter layout (written by another version of the code) is
     refused in one line, before the mismatch could pass for damage and be moved aside."""
     absl_logger = logging.getLogger("absl")
@@ -94,6 +110,8 @@ class Checkpointer:
     finally:
       absl_logger.setLevel(level)
     wanted = _leaf_paths(abstract_state)
+    if partial:  # the rest of the checkpoint (the optimizer state) is not read
+      saved = {path for path in saved if path.split("/")[0] == "0"}
     if saved and saved != wanted:
       example = sorted(wanted - saved)[:1] or sorted(saved - wanted)[:1]
       where = "not in the checkpoint" if wanted - saved else "in the checkpoint only"
@@ -182,3 +200,30 @@ def _first_line(error: BaseException) -> str:
 def abstract(tree):
   """Shape/dtype skeleton of a pytree, for restoring into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def latest_step(workdir: str | Path) -> int | None:
+  """The latest checkpoint step of a run; None when it has none (or no workdir)."""
+  if not (Path(workdir) / "checkpoints").is_dir():
+    return None
+  ckpt = Checkpointer(workdir)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+# How a model computes, not what it stores: these may change when a run resumes.
+RUNTIME_FIELDS = ("dtype", "remat", "global_capacity")
+
+
+def check_same_model(saved: dict, model: dict, workdir):
+  """A checkpoint restores only into the model shape it was saved from: `saved` is the
+  config saved with it, `model` the model fields asked for now."""
+  model = json.loads(json.dumps(model))  # tuples become lists, as in the file
+  for key, value in model.items():
+    if key in RUNTIME_FIELDS:
+      continue
+    if saved.get("model", {}).get(key) != value:
+      raise UserError(f"checkpoint in {workdir} has model.{key}="
+                      f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")

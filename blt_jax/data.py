@@ -24,9 +24,9 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from blt_jax.constants import BOS
 from blt_jax.errors import UserError
 
-BOS = 256
 FORMAT_VERSION = 2  # 2: documents are never cut into pieces
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -193,6 +193,21 @@ def window_table(corpus: Corpus, doc_ids: np.ndarray, seq_len: int) -> np.ndarra
   return np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)
 
 
+def windows(data: np.ndarray, starts_N: np.ndarray, lengths_N: np.ndarray,
+            seq_len: int) -> dict[str, np.ndarray]:
+  """The BOS-led windows [N, T] of `lengths_N` bytes of `data` from `starts_N`, zero-padded:
+  inputs = [BOS, x[s], .., x[s+T-2]], targets = x[s] .. x[s+T-1], mask = real targets.
+  The one window builder of training, eval, entropy scoring and the API."""
+  pos_T = np.arange(seq_len)
+  mask_NxT = pos_T < np.asarray(lengths_N)[:, None]
+  idx_NxT = np.minimum(np.asarray(starts_N, np.int64)[:, None] + pos_T, max(len(data) - 1, 0))
+  targets_NxT = np.where(mask_NxT, np.asarray(data)[idx_NxT] if len(data) else 0, 0)
+  targets_NxT = targets_NxT.astype(np.int32)
+  inputs_NxT = np.concatenate([np.full((len(targets_NxT), 1), BOS, np.int32),
+                               targets_NxT[:, :-1]], axis=1)
+  return {"inputs": inputs_NxT, "targets": targets_NxT, "mask": mask_NxT.astype(np.float32)}
+
+
 class WindowReader:
   """(start, length) -> one window's inputs, targets and mask, as numpy."""
 
@@ -201,11 +216,8 @@ class WindowReader:
 
   def __call__(self, row: np.ndarray) -> dict[str, np.ndarray]:
     start, length = int(row[0]), int(row[1])
-    targets = np.zeros(self.seq_len, np.int32)
-    targets[:length] = self.data[start:start + length]
-    inputs = np.concatenate([[BOS], targets[:-1]]).astype(np.int32)
-    mask = (np.arange(self.seq_len) < length).astype(np.float32)
-    return {"inputs": inputs, "targets": targets, "mask": mask,
+    window = windows(self.data, np.array([start]), np.array([length]), self.seq_len)
+    return {**{k: v[0] for k, v in window.items()},
             "start": np.int64(start), "length": np.int32(length)}
 
 

@@ -9,6 +9,7 @@ after t), and each byte costs W/S = 4/3 forward positions.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from blt_jax import data as data_lib
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: keyed on the run's resolved model fields
 
 
 def chunk_table(offsets: np.ndarray, window: int, stride: int | None = None) -> np.ndarray:
@@ -53,11 +54,9 @@ def score(lm, data: np.ndarray, offsets: np.ndarray, *, batch_size: int = 64,
                  unit="batch", dynamic_ncols=True, leave=False):
     rows = table[lo:lo + batch_size]
     idx_BxW = rows[:, :1] + positions_W
-    valid_BxW = idx_BxW < rows[:, 1:2]
-    targets = np.where(valid_BxW, data[np.minimum(idx_BxW, len(data) - 1)], 0)
-    inputs = np.concatenate([np.full((len(rows), 1), data_lib.BOS), targets[:, :-1]], axis=1)
+    inputs = data_lib.windows(data, rows[:, 0], rows[:, 1] - rows[:, 0], W)["inputs"]
     pad = batch_size - len(rows)  # one compiled shape
-    inputs = np.concatenate([inputs, np.zeros((pad, W), inputs.dtype)]).astype(np.int32)
+    inputs = np.concatenate([inputs, np.zeros((pad, W), inputs.dtype)])
     h_BxW = np.asarray(lm.entropies(inputs))[:len(rows)]
     keep_BxW = (idx_BxW >= rows[:, 2:3]) & (idx_BxW < rows[:, 3:4])
     out[idx_BxW[keep_BxW]] = h_BxW[keep_BxW]
@@ -66,8 +65,8 @@ def score(lm, data: np.ndarray, offsets: np.ndarray, *, batch_size: int = 64,
 
 def model_fingerprint(lm) -> str:
   h = hashlib.blake2b(digest_size=10)
-  h.update(f"{CACHE_VERSION}:{lm.config.model.to_json()}:{lm.seq_len}".encode())
-  for leaf in jax.tree.leaves(lm._state):
+  h.update(f"{CACHE_VERSION}:{json.dumps(lm.resolved.model)}:{lm.seq_len}".encode())
+  for leaf in jax.tree.leaves(lm.state):
     h.update(np.asarray(leaf).tobytes())
   return h.hexdigest()
 

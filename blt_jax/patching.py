@@ -12,12 +12,11 @@ Rules (h[t] = entropy of byte t given the bytes before it; byte 0 always starts 
 The rules themselves are elementwise. The two sequential steps (cutting long patches,
 compacting starts into lengths) have two implementations, picked per platform:
   CPU     loops over t (a `lax.scan`) and over patches (a `lax.while_loop`) with every
-          sequence of the batch in the vector lanes. XLA's CPU prefix ops are slow
-          (cummax ~90M, associative_scan ~165M, cumsum + scatter ~100M bytes/s on the
-          2-core dev CPU); the loops are not: full path (cut + lengths) ~120M bytes/s
-          against ~45M for the parallel form (benchmarks/patching.py).
+          sequence of the batch in the vector lanes: XLA's CPU prefix ops (cummax,
+          associative_scan, cumsum + scatter) are slower than these loops
+          (benchmarks/patching.py times both; figures in docs/benchmarks.md).
   others  the parallel form: associative scan for the last start, cumsum + segment_sum
-          for lengths (not timed here). The CPU tests check both against one reference.
+          for lengths. The CPU tests check both against one reference.
 
 Lengths fold: a sequence with more patches than slots puts the surplus in the last slot,
 so lengths always sum to T.
@@ -86,7 +85,7 @@ def _cut_loop(starts_NxT, m: int):
 def _lengths_loop(starts_NxT, P: int):
   """Patch lengths [N, P]: gap to the next start, then a hop from patch to patch."""
   N, T = starts_NxT.shape
-  dtype = jnp.int16 if T < 2 ** 15 else jnp.int32  # half the bytes to gather: 1.5x faster
+  dtype = jnp.int16 if T < 2 ** 15 else jnp.int32  # half the bytes to gather
 
   def back(next_N, x):  # right to left: distance from t to the first start after t
     s_N, t = x

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from blt_jax.constants import BYTES
 from blt_jax.errors import UserError
 
 
@@ -23,8 +24,8 @@ def next_byte_distribution(lm, data: bytes) -> np.ndarray:
 def generate(lm, prompt: bytes, *, max_bytes: int, temperature: float = 1.0, top_k: int = 0,
              seed: int = 0, progress: bool = True) -> bytes:
   """Samples `max_bytes` bytes after `prompt` (greedy when temperature is 0)."""
-  if temperature < 0 or top_k < 0 or top_k > 256:
-    raise UserError("sample.temperature must be >= 0 and sample.top_k in 0..256")
+  if temperature < 0 or not 0 <= top_k <= BYTES:
+    raise UserError(f"sample.temperature must be >= 0 and sample.top_k in 0..{BYTES}")
   rng = np.random.default_rng(seed)
   out = bytearray(prompt)
   for _ in tqdm(range(max_bytes), desc="sampling", disable=not progress, leave=False,
@@ -37,5 +38,5 @@ def generate(lm, prompt: bytes, *, max_bytes: int, temperature: float = 1.0, top
     if top_k:
       logits[np.argsort(logits)[:-top_k]] = -np.inf
     p = np.exp(logits - logits.max())
-    out.append(int(rng.choice(256, p=p / p.sum())))
+    out.append(int(rng.choice(BYTES, p=p / p.sum())))
   return bytes(out[len(prompt):])

@@ -16,9 +16,10 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from blt_jax import checkpoint, data, models, sharding, splits as splits_lib
+from blt_jax import checkpoint, data, loss, models, sharding, splits as splits_lib
 from blt_jax.errors import UserError
-from blt_jax.evaluate import Evaluator, apply, token_stats
+from blt_jax.evaluate import Evaluator
+from blt_jax.resolved import PatchRule, Resolved
 
 DEVICE_KEYS = ("inputs", "targets", "mask", "patch_lengths")
 
@@ -27,9 +28,9 @@ class Diverged(UserError):
   """Training produced a non-finite metric."""
 
 
-def build_model(config: ml_collections.ConfigDict) -> nnx.Module:
+def build_model(model_fields: dict, seed: int) -> models.ByteModel:
   try:
-    return models.build(config.model.kind, config.model.to_dict(), seed=config.train.seed)
+    return models.build(model_fields, seed=seed)
   except (ValueError, TypeError) as e:
     raise UserError(f"bad model config: {e}")
 
@@ -59,6 +60,29 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip else opt
 
 
+def _grads(model_def, rest, params, batch, *, packed: bool, shards: int):
+  """(gradients of the summed loss, (nll, correct, count)) of one micro-batch."""
+  def summed(params):
+    return loss.summed_loss(nnx.merge(model_def, params, rest), batch, packed=packed,
+                            shards=shards)
+  (nll, (correct, count)), grads = jax.value_and_grad(summed, has_aux=True)(params)
+  return grads, (nll, correct, count)
+
+
+def _micro_grads(model, model_def, rest, params, batch, *, packs: bool, shards: int):
+  """Gradients and sums of one micro-batch, plus whether it ran packed: by the packed
+  forward when the model packs and the batch fits (a branch around the whole gradient, so
+  no residuals cross it)."""
+  unpacked = functools.partial(_grads, model_def, rest, params, packed=False, shards=shards)
+  if not packs:
+    grads, sums = unpacked(batch)
+    return grads, (*sums, jnp.zeros(()))
+  fits = model.packing_fits(batch["patch_lengths"], batch["targets"].shape[1], shards)
+  packed = functools.partial(_grads, model_def, rest, params, packed=True, shards=shards)
+  grads, sums = jax.lax.cond(fits, packed, unpacked, batch)
+  return grads, (*sums, fits.astype(jnp.float32))
+
+
 def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None):
   """(state, batch) -> (new state, device metrics); the input state is donated.
 
@@ -77,43 +101,19 @@ def make_train_step(graphdef, *, grad_accum: int = 1, shardings=None, mesh=None)
       params = jax.lax.with_sharding_constraint(params, sharding.replicated(mesh))
     # Every micro-batch is split over all devices; packing groups keep to one device's rows.
     shards = mesh.size if mesh is not None else 1
-
-    def summed_loss(params, batch, packed):
-      logits = apply(nnx.merge(model_def, params, rest), batch, packed, shards)
-      nll, correct, count = token_stats(logits, batch)
-      return nll, (correct, count)
-
-    def grads_of(batch, packed=False):
-      (nll, (correct, count)), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-          params, batch, packed)
-      return grads, (nll, correct, count)
-
-    packs = hasattr(model, "packs") and model.packs(
-        batch["patch_lengths"].shape[0] // grad_accum, batch["patch_lengths"].shape[1], shards)
-
-    def micro_grads(batch):
-      """Gradients of one micro-batch, by the packed forward when the model packs and the
-      batch fits (a branch around the whole gradient, so no residuals cross it)."""
-      if not packs:
-        grads, sums = grads_of(batch)
-        return grads, (*sums, jnp.zeros(()))
-      fits = model.packing_fits(batch["patch_lengths"], batch["targets"].shape[1], shards)
-      grads, sums = jax.lax.cond(fits, functools.partial(grads_of, packed=True), grads_of,
-                                 batch)
-      return grads, (*sums, fits.astype(jnp.float32))
-
+    lengths_BxP = batch.get("patch_lengths")
+    packs = lengths_BxP is not None and model.packs(lengths_BxP.shape[0] // grad_accum,
+                                                    lengths_BxP.shape[1], shards)
+    micro = functools.partial(_micro_grads, model, model_def, rest, params, packs=packs,
+                              shards=shards)
     if grad_accum == 1:
-      grads, (nll, correct, count, n_packed) = micro_grads(batch)
+      grads, (nll, correct, count, n_packed) = micro(batch)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum,
-                                               *x.shape[1:]).swapaxes(0, 1), batch)
-
-      def body(carry, mb):
-        g, sums = micro_grads(mb)
-        return jax.tree.map(jnp.add, carry, (g, sums)), None
-
+      batches = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum,
+                                                 *x.shape[1:]).swapaxes(0, 1), batch)
       zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()),) * 4)
-      (grads, (nll, correct, count, n_packed)), _ = jax.lax.scan(body, zeros, micro)
+      (grads, (nll, correct, count, n_packed)), _ = jax.lax.scan(
+          lambda carry, mb: (jax.tree.map(jnp.add, carry, micro(mb)), None), zeros, batches)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     opt.update(model, grads)
@@ -140,43 +140,55 @@ def to_device(batch: dict, mesh=None) -> dict:
       k: jnp.asarray(v) for k, v in batch.items()}
 
 
-# How a model computes, not what it stores: these may change when a run resumes.
-RUNTIME_FIELDS = ("dtype", "remat", "global_capacity")
+def start_record(config: ml_collections.ConfigDict, workdir: Path,
+                 rule: PatchRule | None) -> Resolved:
+  """The run's record: written now when it starts, read back when it resumes (then the
+  job must have patched with the recorded rule)."""
+  recorded = Resolved.of_resumed(workdir)
+  if recorded is None:
+    resolved = Resolved.of_start(config.model.to_dict(), rule)
+    if jax.process_index() == 0:
+      resolved.save(workdir)
+    return resolved
+  if recorded.patching != rule:
+    raise UserError(f"{workdir} was trained with patching {recorded.patching}; it resumes "
+                    f"only with that, not {rule}")
+  return recorded
 
 
-def check_same_model(saved: dict, current: ml_collections.ConfigDict, workdir):
-  """A checkpoint restores only into the model shape it was saved from."""
-  as_saved = json.loads(current.model.to_json())  # tuples become lists, as in the file
-  for key, value in as_saved.items():
-    if key in RUNTIME_FIELDS:
-      continue
-    if saved.get("model", {}).get(key) != value:
-      raise UserError(f"checkpoint in {workdir} has model.{key}="
-                      f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          splits: splits_lib.Splits, rule: PatchRule | None = None, transform=None,
+          eval_transform=None, progress: bool = True, devices=None,
+          until: int | None = None) -> dict:
+  """Trains (or resumes) a run to `train.steps` (or stops after step `until`), then
+  evaluates on held-out data.
 
-
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None,
-          transform=None, eval_transform=None, progress: bool = True, devices=None) -> dict:
-  """Trains (or resumes) to `train.steps`, then evaluates on held-out data.
-
-  `transform` maps each numpy batch before it reaches the model (e.g. adds patch
-  lengths for BLT); `eval_transform` does the same for eval corpora (default: same).
-  The mesh (`config.mesh`) spans `devices` (default: all). Returns the final eval metrics,
-  also written to `<workdir>/eval.json`.
+  `rule` is the patching of a patched model, and `transform` maps each numpy batch
+  before it reaches the model (adds patch lengths by that rule); `eval_transform` does the
+  same for eval corpora (default: same). The model is built from the run's record
+  (`resolved.json`, written when it starts), and a fresh run starts from the model's
+  pretrained weights, if any. The mesh (`config.mesh`) spans `devices` (default: all).
+  Returns the final eval metrics, also written to `<workdir>/eval.json`.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   mesh = sharding.train_mesh(config, devices)
-  splits = splits or splits_lib.Splits(config)
   splits_lib.claim(workdir, splits.split)  # never resume on another split
+  resolved = start_record(config, workdir, rule)
   eval_transform = eval_transform or transform
   shard, n_shards = sharding.process_shard()
   train_iter = iter(data.train_dataset(splits.corpus, splits.train_ids,
                                        seq_len=config.data.seq_len,
                                        batch_size=t.batch_size // n_shards, seed=t.seed,
                                        transform=transform, shard=shard, n_shards=n_shards))
-  model = build_model(config)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
+                                 every_steps=config.ckpt.every_steps)
+  resuming = ckpt.latest_step() is not None
+  runtime = {k: v for k, v in config.model.to_dict().items() if k in checkpoint.RUNTIME_FIELDS}
+  model = build_model({**resolved.model, **runtime}, t.seed)
+  if not resuming:
+    model.load_pretrained()
   optimizer = nnx.Optimizer(model, make_optimizer(t), wrt=nnx.Param)
   model_graphdef = nnx.split(model)[0]
   graphdef, state = nnx.split((model, optimizer))
@@ -184,13 +196,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
   shardings = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
 
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
-                                 every_steps=config.ckpt.every_steps)
   config_dict = config.to_dict()
   start = 0
-  if ckpt.latest_step() is not None:
+  if resuming:
     saved, _ = ckpt.read_config()
-    check_same_model(saved, config, workdir)
+    checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
     restored, _, start = ckpt.restore(None, checkpoint.abstract(nnx.to_pure_dict(state)),
                                       data_iter=train_iter)
     nnx.replace_by_pure_dict(state, restored)
@@ -217,7 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, splits=None
                          f"{key} is {float(h[key])} (last good checkpoint: step "
                          f"{ckpt.latest_step()}; lower train.lr or check the data)")
 
-  last = min(t.steps, t.stop_at) if t.stop_at > 0 else t.steps
+  last = t.steps if until is None else min(t.steps, until)
   bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not (progress and lead),
              dynamic_ncols=True, unit="step")
   try:

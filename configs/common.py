@@ -7,9 +7,8 @@ A config file's `get_config(arg)` takes an optional string such as `size=tiny`:
 """
 from __future__ import annotations
 
-import json
-
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from blt_jax.patching import max_patches
 
@@ -42,7 +41,7 @@ BLT = {
                 dec_window=512, cross_attn_k=2, cross_heads=8, hash_buckets=65536),
 }
 
-# Data / optimisation scale per size.
+# Data / optimisation scale per size (byte LMs; BLT_SCHEDULE changes some for BLT).
 SCHEDULE = {
     "tiny": dict(seq_len=64, batch_size=8, steps=40, warmup=5, lr=3e-3, log_every=10,
                  eval_every=0, eval_bytes=8192, final_eval_bytes=16384, ckpt_every=20),
@@ -50,6 +49,14 @@ SCHEDULE = {
                   eval_every=300, eval_bytes=32768, final_eval_bytes=0, ckpt_every=300),
     "gpu": dict(seq_len=1024, batch_size=64, steps=20000, warmup=1000, lr=1e-3, log_every=100,
                 eval_every=2000, eval_bytes=1 << 20, final_eval_bytes=0, ckpt_every=2000),
+}
+
+
+# BLT runs per size: small trains in < 15 min on 2 cores.
+BLT_SCHEDULE = {
+    "tiny": dict(steps=40, eval_every=0, ckpt_every=20),
+    "small": dict(steps=400, eval_every=200, ckpt_every=200),
+    "gpu": dict(steps=20000, eval_every=2000, ckpt_every=2000, batch_size=32),
 }
 
 
@@ -93,20 +100,21 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.patching = ml_collections.ConfigDict()
   c.patching.mode = "none"       # none | global | monotonic | static | space
   c.patching.target_patch_size = 0.0  # calibrate the threshold to this mean patch size
-  c.patching.threshold = -1.0    # explicit entropy threshold (nats); < 0 = calibrate
+  c.patching.threshold = placeholder(float)  # entropy threshold (nats); None = calibrate
   c.patching.patch_size = 4      # for `static`
   c.patching.max_patch_len = 0   # cut longer patches every this many bytes; 0 = off
   c.patching.text = ""           # mode=patch: the text to patch (or patching.file)
   c.patching.file = ""           # mode=patch: a file to patch (its first 2000 bytes)
-  c.patching.entropy_config = ""  # config of the entropy model (trained if not yet done)
+  c.patching.entropy_config = ""  # entropy model config, a module name ('' = the size's
+                                 # configs.entropy_patcher); trained if not yet done
   c.patching.entropy_workdir = ""  # its workdir; '' = the default workdir of that config
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = s["steps"]
   c.train.batch_size = s["batch_size"]
   c.train.seed = 0
-  c.train.stop_at = 0            # end this invocation after this step (0 = train.steps);
-                                 # the schedule still spans train.steps; rerun to resume
+  c.train.stop_at = placeholder(int)  # end this invocation after this step (None =
+                                 # train.steps); the schedule still spans train.steps
   c.train.optimizer = "adamw"    # adamw | muon
   c.train.lr = s["lr"]
   c.train.warmup_steps = s["warmup"]
@@ -124,7 +132,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.eval.train_max_bytes = s["eval_bytes"]   # bytes scored by each periodic eval
   c.eval.max_bytes = s["final_eval_bytes"]   # bytes scored by the final eval; 0 = all
   c.eval.batch_size = 32
-  c.eval.step = -1               # checkpoint step to evaluate; -1 = latest
+  c.eval.step = placeholder(int)  # checkpoint step to evaluate (and sample); None = latest
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "       # mode=sample: the text to continue
@@ -160,6 +168,7 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
   c.model.dtype = "bfloat16" if size == "gpu" else "float32"
   c.model.remat = False
   expected = expected_patch_size or target_patch_size or patch_size
+  # Patch slots P per window; None = derived from the rule's mean patch size on training data.
   c.model.max_patches = max_patches(c.data.seq_len, expected)
   # Global dense layers on packed slots: 1.2 x the expected patches of a batch, a margin
   # that a batch's total (unlike one window's count) rarely exceeds; an overflowing batch
@@ -169,12 +178,13 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
   c.patching.mode = mode
   c.patching.target_patch_size = float(target_patch_size)
   c.patching.patch_size = patch_size
-  c.patching.entropy_config = f"configs/entropy_patcher.py:size={size}"
-  c.train.steps = {"tiny": 40, "small": 400, "gpu": 20000}[size]  # small: < 15 min on 2 cores
-  if size == "gpu":
-    c.train.batch_size = 32  # dense masked local attention keeps [B, H, T, T] scores per layer
-  c.eval.every_steps = {"tiny": 0, "small": 200, "gpu": 2000}[size]
-  c.ckpt.every_steps = {"tiny": 20, "small": 200, "gpu": 2000}[size]
+  c.patching.entropy_config = f"configs.entropy_patcher:size={size}"
+  s = BLT_SCHEDULE[size]
+  c.train.steps = s["steps"]
+  # gpu: dense masked local attention keeps [B, H, T, T] scores per layer
+  c.train.batch_size = s.get("batch_size", c.train.batch_size)
+  c.eval.every_steps = s["eval_every"]
+  c.ckpt.every_steps = s["ckpt_every"]
   return c
 
 
@@ -182,8 +192,21 @@ SAMPLE_TEXT = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
                "        a, b = b, a + b\n    return a\n")
 
 
+def nested(dotted: dict) -> dict:
+  """{'model.dec_layers': 1} -> {'model': {'dec_layers': 1}}."""
+  out = {}
+  for key, value in dotted.items():
+    *path, leaf = key.split(".")
+    node = out
+    for part in path:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out
+
+
 def sweep_config(arg: str | None, *, title: str, description: str, variants: dict):
-  """A sweep (mode `sweep`): `variants` maps a row name to (config file, {field: value}).
+  """A sweep (mode `sweep`): `variants` maps a row name to (config module, {field: value}),
+  e.g. ('configs.patch3', {'model.dec_layers': 1}); each becomes nested config.
 
   Every variant runs at the sweep's size; the sweep fields below apply to all of them.
   """
@@ -205,7 +228,7 @@ def sweep_config(arg: str | None, *, title: str, description: str, variants: dic
   c.sweep.connect = True         # plots join each series' points (rows ordered along x)
   c.mesh = base_config(arg).mesh  # the device mesh of every variant (and multi-host start)
   c.sweep.variants = ml_collections.ConfigDict()
-  for rank, (name, (config_file, overrides)) in enumerate(variants.items()):
+  for rank, (name, (module, overrides)) in enumerate(variants.items()):
     c.sweep.variants[name] = ml_collections.ConfigDict(dict(  # ConfigDict sorts keys
-        rank=rank, config=f"{config_file}:size={size}", overrides=json.dumps(overrides)))
+        rank=rank, config=f"{module}:size={size}", overrides=nested(overrides)))
   return c

@@ -6,5 +6,5 @@ from configs import common
 
 def get_config(arg=None):
   c = common.blt_config(arg, mode="space")
-  c.model.max_patches = 0  # derived from training data: space patching has no knob
+  c.model.max_patches = None  # derived from training data: space patching has no knob
   return c

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from blt_jax import config_files
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so `configs.*` import in-process as they do under launch.py
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,24 +37,16 @@ def private_cache(tmp_path_factory):
 
 
 def launch(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-  """Runs launch.py in a subprocess, as a user would."""
+  """Runs launch.py in a subprocess, as a user would (from the repository root unless `cwd`
+  says otherwise)."""
   return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd,
                         capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def tiny_config(name: str = "entropy_model", **overrides):
-  """A config object as launch.py would build it, at size=tiny, with overrides."""
-  import importlib
-  module = importlib.import_module(f"configs.{name}")
-  config = module.get_config("size=tiny")
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  """A config as a run sees it (frozen), at size=tiny, with dotted-field overrides."""
+  return config_files.load(f"configs.{name}:size=tiny", overrides)
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +61,12 @@ def tiny_run(tmp_path_factory, private_cache):
 
 @pytest.fixture(scope="session")
 def blt_run(tmp_path_factory, private_cache):
-  """A tiny patch3 BLT run and its own tiny entropy model, trained once."""
+  """A tiny patch3 BLT run and its own tiny entropy model, trained once, launched from
+  another directory than the repository's."""
   root = tmp_path_factory.mktemp("blt")
-  result = launch("--config=configs/patch3.py:size=tiny", f"--workdir={root / 'patch3'}",
-                  f"--config.patching.entropy_workdir={root / 'entropy'}")
+  result = launch(f"--config={ROOT / 'configs' / 'patch3.py'}:size=tiny",
+                  f"--workdir={root / 'patch3'}",
+                  f"--config.patching.entropy_workdir={root / 'entropy'}", cwd=root)
   assert result.returncode == 0, result.stderr[-3000:]
   return root
 

@@ -19,13 +19,22 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
+from absl import flags
+from flax import nnx
+
+from blt_jax import checkpoint, models, patching, sharding, train
+from blt_jax.errors import UserError
+from blt_jax.jobs import train as train_job
+from blt_jax.loss import token_stats
+from blt_jax.splits import Splits
+from tests.conftest import tiny_config
 
 STEPS = 4
 
 
 def config(**overrides):
-  from tests.conftest import tiny_config
   corpus = os.path.join(os.path.dirname(os.__file__), "json", "*.py")
   base = {"data.corpus": corpus, "data.eval_fraction": 0.3, "train.steps": STEPS,
           "train.batch_size": 16, "train.log_every": 1, "eval.max_bytes": 2048,
@@ -35,12 +44,12 @@ def config(**overrides):
 
 def run(workdir: Path, devices=None, **overrides) -> dict:
   """Trains; (per-step losses of every invocation in the workdir, final eval loss)."""
-  from blt_jax import pipeline, splits as splits_lib, train
   c = config(**overrides)
-  splits = splits_lib.Splits(c)
-  transform, eval_transform = pipeline.prepare(c, splits, None, progress=False)
-  result = train.train(c, workdir, splits=splits, transform=transform,
-                       eval_transform=eval_transform, progress=False, devices=devices)
+  splits = Splits(c)
+  rule, transform, eval_transform = train_job.patchers(c, splits, workdir, progress=False)
+  result = train.train(c, workdir, splits=splits, rule=rule, transform=transform,
+                       eval_transform=eval_transform, progress=False, devices=devices,
+                       until=c.train.stop_at)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {"losses": [r["loss"] for r in rows], "eval_loss": result["loss"],
           "packed": [r.get("packed") for r in rows]}
@@ -48,11 +57,8 @@ def run(workdir: Path, devices=None, **overrides) -> dict:
 
 def restore_on(workdir: Path, mesh_cfg: dict, devices=None):
   """The latest checkpoint of `workdir`, restored FSDP-sharded onto another mesh."""
-  import ml_collections
-  from flax import nnx
-  from blt_jax import checkpoint, sharding, train
   c = config()
-  model = train.build_model(c)
+  model = models.build(c.model.to_dict())
   _, state = nnx.split((model, nnx.Optimizer(model, train.make_optimizer(c.train),
                                              wrt=nnx.Param)))
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
@@ -84,12 +90,8 @@ def communication() -> dict:
   window is computed on its own device) and the packed gradient only the parameters'
   gradients. FSDP over 8: the whole train step (packed and unpacked branches) should move
   one gather of the parameters and one gradient reduction per branch."""
-  import ml_collections
-  from flax import nnx
-  from blt_jax import patching, sharding, train
-  from blt_jax.evaluate import token_stats
   c = config(**{"model.global_capacity": 0.75})
-  model = train.build_model(c)
+  model = models.build(c.model.to_dict())
   graphdef, params = nnx.split(model)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   mesh_of = lambda data, fsdp: sharding.make_mesh(ml_collections.ConfigDict(
@@ -125,11 +127,7 @@ def communication() -> dict:
 
 
 def main(root: Path):
-  from absl import flags
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  from blt_jax import sharding
-  from blt_jax.errors import UserError
-  import ml_collections
   out = {"devices": jax.device_count()}
   out["one"] = run(root / "one", devices=jax.devices()[:1], **{"mesh.data": 1})
   out["data8_accum2"] = run(root / "data8", **{"mesh.data": 8, "train.grad_accum": 2})
@@ -170,9 +168,7 @@ def main(root: Path):
 
 
 def two_processes(root: Path, process: int, port: int):
-  from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from blt_jax import sharding
   mesh = {"mesh.distributed": True, "mesh.coordinator": f"localhost:{port}",
           "mesh.num_processes": 2, "mesh.process_id": process, "ckpt.every_steps": 2}
   sharding.initialize(config(**mesh).mesh)

@@ -8,8 +8,9 @@ import optax
 import pytest
 from flax import nnx
 
+from blt_jax.constants import BOS
 from blt_jax.models import blt, build, flops, hash_embed
-from blt_jax.models.byte_lm import BOS, ByteLMConfig
+from blt_jax.models.byte_lm import ByteLM, ByteLMConfig
 
 T, P, K = 32, 12, 2
 TINY = dict(enc_dim=32, enc_layers=1, enc_heads=2, enc_window=4,
@@ -249,7 +250,7 @@ def test_padding_and_folded_patches_are_finite():
 def test_bf16_compute_and_no_hash():
   model = tiny_model(dtype="bfloat16", hash_ngrams=())
   assert model.hash_embed is None
-  counts = blt.param_counts(model)
+  counts = model.param_counts()
   assert counts["total"] == counts["without_hash"]
   inputs = jnp.asarray(random_inputs(6))
   lengths = jnp.asarray(lengths_from_starts(causal_starts(inputs), P))
@@ -259,9 +260,9 @@ def test_bf16_compute_and_no_hash():
 
 
 def test_config_registry_counts_and_validation():
-  model = build("blt", {**TINY, "hash_ngrams": "3,4", "kind": "blt"})
+  model = build({**TINY, "hash_ngrams": "3,4", "kind": "blt"})
   assert model.needs_patches and model.cfg.hash_ngrams == (3, 4)
-  counts = blt.param_counts(model)
+  counts = model.param_counts()
   assert counts["total"] - counts["without_hash"] == 2 * 64 * 32
   with pytest.raises(ValueError):
     blt.BLTConfig(**{**TINY, "pooling": "sum"})
@@ -277,10 +278,11 @@ def test_flops_formula():
   lm = ByteLMConfig(dim=8, n_layers=1, mlp_ratio=3.0)
   fwd = 2 * (4 * 64 + 3 * 8 * 16) + 4 * 8 * 2.5 + 2 * 8 * 256
   assert flops.byte_lm_flops_per_byte(lm, 4) == pytest.approx(3 * fwd)
-  cfg = blt.BLTConfig(**TINY)
-  f3, f8 = blt.flops_per_byte(cfg, 1024, 3.0), blt.flops_per_byte(cfg, 1024, 8.0)
-  assert f3 > f8 > 0 and flops.flops_per_byte(cfg, 1024, 3.0) == f3
-  assert blt.flops_per_byte(cfg, T) == blt.flops_per_byte(cfg, T, T / P)
+  assert ByteLM(lm, rngs=nnx.Rngs(0)).flops_per_byte(4) == pytest.approx(3 * fwd)
+  model = tiny_model()
+  f3, f8 = model.flops_per_byte(1024, 3.0), model.flops_per_byte(1024, 8.0)
+  assert f3 > f8 > 0 and flops.blt_flops_per_byte(model.cfg, 1024, 3.0) == f3
+  assert model.flops_per_byte(T) == model.flops_per_byte(T, T / P)
 
 
 # ----------------------------------------------------------------------------- training

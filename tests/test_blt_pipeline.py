@@ -7,8 +7,9 @@ import json
 import numpy as np
 
 import blt_jax
-from blt_jax import data, entropy
-from tests.conftest import launch
+from blt_jax import checkpoint, data, entropy
+from blt_jax.resolved import Resolved
+from tests.conftest import ROOT, launch, tiny_config
 
 TEXT = (b"import os\n\ndef walk(top):\n    for name in os.listdir(top):\n"
         b"        yield os.path.join(top, name)  # caf\xc3\xa9\n" * 3)
@@ -25,6 +26,23 @@ def test_run_writes_summary_with_calibrated_patches(blt_run):
   assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_the_run_records_what_it_resolved_and_keeps_its_config(blt_run):
+  """The saved config is the launched one, untouched; the calibrated threshold, the patch
+  slots and the entropy model live in resolved.json, which the API reads back."""
+  saved, _ = checkpoint.read_config(blt_run / "patch3")
+  launched = tiny_config("patch3", **{"patching.entropy_workdir": str(blt_run / "entropy")})
+  assert saved == json.loads(launched.to_json())  # nothing was written into the config
+  assert saved["patching"]["threshold"] is None and saved["train"]["stop_at"] is None
+  record = Resolved.of_run(blt_run / "patch3")
+  summary = json.loads((blt_run / "patch3" / "summary.json").read_text())
+  assert record.patching.threshold == summary["threshold"] > 0
+  assert record.patching.entropy_workdir == str(blt_run / "entropy")
+  assert record.model["max_patches"] == record.patching.max_patches == saved["model"]["max_patches"]
+  lm = blt_jax.load(blt_run / "patch3")
+  assert lm.resolved == record and lm.patcher.rule == record.patching
+  assert (blt_run / "entropy" / "resolved.json").exists()  # every run has its record
+
+
 def test_blt_next_byte_logprobs_is_prefix_invariant(blt_run):
   lm = blt_jax.load(blt_run / "patch3")
   assert lm.patcher is not None and lm.seq_len == 64 and len(TEXT) > 3 * 64
@@ -38,7 +56,7 @@ def test_blt_next_byte_logprobs_is_prefix_invariant(blt_run):
 
 def test_patches_are_dynamic_in_the_public_api(blt_run):
   lm = blt_jax.load(blt_run / "patch3")
-  windows = lm.patcher.for_document(TEXT[:64], lm.windows(TEXT[:64]))
+  windows = lm.patcher(TEXT[:64], lm.windows(TEXT[:64]))
   lengths = windows["patch_lengths"][0]
   assert lengths.sum() == 64 and len(set(lengths[lengths > 0].tolist())) > 1
 

@@ -1,10 +1,17 @@
 """Config parsing, command-line overrides, and one-line errors for bad ones."""
 from __future__ import annotations
 
-import pytest
+import json
 
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from blt_jax import config_files
+from blt_jax.errors import UserError
 from configs import common
-from tests.conftest import launch
+from tests.conftest import ROOT, launch
 
 
 def test_parse_arg_sizes():
@@ -30,8 +37,6 @@ def test_every_config_has_the_contract_fields():
 
 
 def test_overrides_apply():
-  from absl import flags
-  from ml_collections import config_flags
   argv = ["prog", "--config=configs/entropy_model.py:size=tiny", "--config.train.steps=7",
           "--config.data.corpus=/some/where", "--config.model.dim=48"]
   fv = flags.FlagValues()
@@ -58,3 +63,37 @@ def test_bad_command_lines_fail_in_one_line(args, needle):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
   assert needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_the_launcher_runs_from_any_directory(tmp_path):
+  """By absolute paths from elsewhere: configs import as the installed package, and the
+  default workdir is under the working directory."""
+  result = launch(f"--config={ROOT / 'configs' / 'entropy_model.py'}:size=tiny",
+                  "--config.train.steps=2", "--config.eval.max_bytes=1024", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  workdir = tmp_path / "runs" / "entropy_model_tiny"
+  assert json.loads((workdir / "eval.json").read_text())["bytes"] > 0
+  assert (workdir / "resolved.json").exists() and not (ROOT / "runs" / "entropy_model_tiny"
+                                                       / "resolved.json").exists()
+
+
+def test_configs_load_by_module_name_or_path_and_stay_frozen():
+  by_module = config_files.load("configs.patch3:size=tiny", {"model": {"dec_layers": 3}})
+  by_path = config_files.load(str(ROOT / "configs" / "patch3.py") + ":size=tiny",
+                              {"model.dec_layers": 3})
+  assert by_module.to_dict() == by_path.to_dict() and by_module.model.dec_layers == 3
+  assert by_module.patching.entropy_config == "configs.entropy_patcher:size=tiny"
+  with pytest.raises(AttributeError, match="immutable"):
+    by_module.train.steps = 1
+  assert config_files.default_workdir("configs.patch3", "tiny") == "runs/patch3_tiny"
+  assert config_files.default_workdir("x/configs/patch3.py", "small") == "runs/patch3"
+  for spec, needle in (("configs.nope", "not found"), ("configs/nope.py", "not found")):
+    with pytest.raises(UserError, match=needle):
+      config_files.load(spec)
+  with pytest.raises(UserError, match="no field 'stepz'"):
+    config_files.load("configs.patch3:size=tiny", {"train": {"stepz": 1}})
+  sweep = config_files.load("configs.sweeps.architecture:size=tiny")
+  variant = sweep.sweep.variants.dec_layers_4
+  assert variant.config == "configs.patch3:size=tiny"
+  assert isinstance(variant.overrides, ml_collections.ConfigDict)
+  assert variant.overrides.model.dec_layers == 4  # nested config, not a JSON string

@@ -37,7 +37,7 @@ def test_next_byte_logprobs_is_prefix_invariant(tiny_run):
 
 
 def test_no_gradient_from_later_bytes():
-  model = models.build("byte_lm", {"dim": 32, "n_layers": 2, "n_heads": 2})
+  model = models.build({"kind": "byte_lm", "dim": 32, "n_layers": 2, "n_heads": 2})
   x = jnp.asarray(np.frombuffer(TEXT[:31], np.uint8).astype(np.int32))[None]
   inputs = jnp.concatenate([jnp.array([[data.BOS]]), x], axis=1)
   emb = model.embed(inputs)
@@ -103,6 +103,6 @@ def test_rerun_resumes_to_the_same_parameters(tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   a, b = blt_jax.load(tmp_path / "a"), blt_jax.load(tmp_path / "b")
   assert a.step == b.step == 20
-  for x, y in zip(jax.tree.leaves(jax.tree.map(np.asarray, a._state)),
-                  jax.tree.leaves(jax.tree.map(np.asarray, b._state))):
+  for x, y in zip(jax.tree.leaves(jax.tree.map(np.asarray, a.state)),
+                  jax.tree.leaves(jax.tree.map(np.asarray, b.state))):
     np.testing.assert_array_equal(x, y)

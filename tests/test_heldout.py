@@ -10,14 +10,15 @@ import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 import blt_jax
-from blt_jax import api, data, entropy, models, pipeline, splits
+from blt_jax import api, data, entropy, models, splits
 from blt_jax.evaluate import Evaluator
+from blt_jax.jobs import entropy_model
+from blt_jax.patcher import BatchPatcher
 from tests.conftest import launch, tiny_config
 from tests.test_blt_model import P, T, random_inputs, tiny_model
 
@@ -124,10 +125,9 @@ def test_default_entropy_workdir_is_keyed_on_the_split():
   config = tiny_config("patch3")
   spec = config.patching.entropy_config
   a = splits.Splits(config).split
-  config.data.eval_fraction = 0.1
-  b = splits.Splits(config).split
+  b = splits.Splits(tiny_config("patch3", **{"data.eval_fraction": 0.1})).split
   assert len(b.held_out) > len(a.held_out)
-  dirs = {pipeline.default_entropy_workdir(spec, "tiny", s) for s in (a, b)}
+  dirs = {entropy_model.default_workdir(spec, "tiny", s) for s in (a, b)}
   assert dirs == {f"runs/entropy_patcher_tiny-{a.key}", f"runs/entropy_patcher_tiny-{b.key}"}
   assert a.key != b.key and a.key == splits.Split.of(data.prepare("stdlib"), 0.05).key
 
@@ -153,16 +153,11 @@ def test_a_byte_never_informs_its_own_prediction(blt_run):
         assert np.abs(out[k + 1:end] - base[k + 1:end]).max() > 1e-3
 
 
-def run_config(workdir) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(json.dumps(blt_jax.load(workdir).config.to_dict())))
-
-
 def test_training_windows_get_the_patches_the_api_gives(blt_run):
   lm = blt_jax.load(blt_run / "patch3")
   config = lm.config
   s = splits.Splits(config, splits.Split.load(blt_run / "patch3"))
-  h = entropy.corpus_entropies(lm.patcher.lm, s.corpus)
-  transform = pipeline.Patcher(config.patching, config.model.max_patches, h, lm.patcher.lm)
+  transform = BatchPatcher(lm.patcher.rule, entropy.corpus_entropies(lm.patcher.lm, s.corpus))
   sizes = np.diff(s.corpus.offsets)
   long_docs = [int(d) for d in s.heldout_ids[np.argsort(-sizes[s.heldout_ids])][:2]]
   long_docs.append(int(s.train_ids[np.argmax(sizes[s.train_ids])]))
@@ -173,7 +168,7 @@ def test_training_windows_get_the_patches_the_api_gives(blt_run):
     batch = {k: np.stack([read(r)[k] for r in table]) for k in read(table[0])}
     trained = transform(batch)["patch_lengths"]
     raw = s.corpus.doc(d)
-    given = lm.patcher.for_document(raw, lm.windows(raw))["patch_lengths"]
+    given = lm.patcher(raw, lm.windows(raw))["patch_lengths"]
     np.testing.assert_array_equal(trained, given, err_msg=s.corpus.names[d])
 
 
@@ -206,7 +201,7 @@ def test_eval_bpb_is_what_the_api_scores(blt_run, tmp_path):
 
 
 def test_all_zero_logits_score_exactly_8_bits_per_byte(small_corpus):
-  model = models.build("byte_lm", dict(dim=16, n_layers=1, n_heads=2))
+  model = models.build(dict(kind="byte_lm", dim=16, n_layers=1, n_heads=2))
   model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
   assert model.head.bias is None
   corpus = data.prepare(str(small_corpus))
@@ -243,10 +238,8 @@ def test_padding_never_reaches_real_positions():
 
 def assert_bf16_close_to_fp32(workdir):
   fp32 = blt_jax.load(workdir)
-  config = run_config(workdir)
-  config.model.dtype = "bfloat16"
-  model, step = api.restore_model(config, workdir)
-  bf16 = api.LanguageModel(model, config, step, fp32.patcher)
+  model, step = api.restore_model(workdir, {**fp32.resolved.model, "dtype": "bfloat16"})
+  bf16 = api.LanguageModel(model, fp32.config, step, fp32.resolved, fp32.patcher)
   a, b = fp32.next_byte_logprobs(TEXT[:200]), bf16.next_byte_logprobs(TEXT[:200])
   likely = a > math.log(0.01)  # bytes the model gives at least 1%
   assert np.abs(a - b)[likely].max() < 0.05  # measured 0.013 on both tiny runs

@@ -21,7 +21,7 @@ TINY = ["--config=configs/entropy_model.py:size=tiny", "--config.train.steps=30"
 
 
 def params(workdir):
-  return jax.tree.leaves(jax.tree.map(np.asarray, blt_jax.load(workdir)._state))
+  return jax.tree.leaves(jax.tree.map(np.asarray, blt_jax.load(workdir).state))
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def _blt(**fields):
               global_layers=1, global_heads=2, dec_dim=32, dec_layers=1, dec_heads=2,
               dec_window=16, cross_attn_k=2, cross_heads=2, hash_ngrams=(3, 4),
               hash_buckets=64, max_patches=8)
-  return models.build("blt", {**base, **fields})
+  return models.build({"kind": "blt", **base, **fields})
 
 
 def _batch(B=2, T=32):
@@ -143,14 +143,14 @@ def _batch(B=2, T=32):
 @nnx.jit
 def _loss_and_grads(model, inputs, targets, lengths):
   def loss(model):
-    logp = jax.nn.log_softmax(model(inputs, lengths))
+    logp = jax.nn.log_softmax(model.logits({"inputs": inputs, "patch_lengths": lengths}))
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
   return nnx.value_and_grad(loss)(model)
 
 
 def test_remat_gives_the_same_loss_and_gradients():
   args = _batch()
-  lm = lambda **kw: models.build("byte_lm", dict(dim=32, n_layers=2, n_heads=2, **kw))
+  lm = lambda **kw: models.build(dict(kind="byte_lm", dim=32, n_layers=2, n_heads=2, **kw))
   loss, grads = _loss_and_grads(lm(), *args)
   loss_r, grads_r = _loss_and_grads(lm(remat=True), *args)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
@@ -158,7 +158,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
   blt = _blt(remat=True)  # BLT's three transformers are the same layers.Transformer
   assert blt.encoder.remat and blt.global_tf.remat and blt.decoder.remat
-  qwen3 = lambda **kw: models.build("qwen3", dict(hidden_size=32, intermediate_size=64,
+  qwen3 = lambda **kw: models.build(dict(kind="qwen3", hidden_size=32, intermediate_size=64,
                                                   num_hidden_layers=2, num_attention_heads=4,
                                                   num_key_value_heads=2, head_dim=8, **kw))
   loss, grads = _loss_and_grads(qwen3(), *args)
@@ -174,10 +174,10 @@ def test_remat_gives_the_same_loss_and_gradients():
 def test_bf16_compute_keeps_fp32_parameters():
   inputs, targets, lengths = _batch()
   for model in (_blt(dtype="bfloat16"),
-                models.build("byte_lm", dict(dim=32, n_layers=1, n_heads=2, dtype="bfloat16"))):
+                models.build(dict(kind="byte_lm", dim=32, n_layers=1, n_heads=2, dtype="bfloat16"))):
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}
-    forward = jax.jit(lambda x: model(x, lengths))
+    forward = jax.jit(lambda x: model.logits({"inputs": x, "patch_lengths": lengths}))
     logits = forward(inputs)
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert "bf16" in forward.lower(inputs).as_text()  # the matmuls run in bfloat16

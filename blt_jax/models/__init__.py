@@ -1,30 +1,41 @@
-"""Model registry: a model kind name -> (config dataclass, nnx module).
+"""Model registry: each kind's shape dataclass, its module (a `ByteModel`), and how its
+shape is resolved before a run starts (a pretrained model's shape comes from its files).
 
-Every model maps input ids [B, T] (BOS = 256 first) and, when it `needs_patches`, patch
-lengths [B, P] over the T target bytes, to next-byte logits [B, T, 256].
+Fields are plain dicts (`{"kind": ..., **shape}`), as configs and run records hold them.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from flax import nnx
 
 from blt_jax.models.blt import BLT, BLTConfig
-from blt_jax.models.byte_lm import BOS, ByteLM, ByteLMConfig
+from blt_jax.models.byte_lm import ByteLM, ByteLMConfig
+from blt_jax.models.interface import ByteModel
 from blt_jax.models.qwen3 import ByteQwen3, ByteQwen3Config
 
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  config: type                                   # frozen dataclass of the model's shape
+  module: type                                   # a ByteModel built from that dataclass
+  resolve: Callable = lambda cfg: cfg            # shape as run: cfg -> cfg (reads no weights)
+
+
 KINDS = {
-    "byte_lm": (ByteLMConfig, ByteLM),
-    "blt": (BLTConfig, BLT),
-    "qwen3": (ByteQwen3Config, ByteQwen3),
+    "byte_lm": Kind(ByteLMConfig, ByteLM),
+    "blt": Kind(BLTConfig, BLT),
+    "qwen3": Kind(ByteQwen3Config, ByteQwen3, ByteQwen3Config.resolve),
 }
 
 
-def config_for(kind: str, fields: dict):
-  """Builds the model's config dataclass from a plain dict, ignoring `kind` itself."""
+def config_for(fields: dict):
+  """The shape dataclass of `fields` (`kind` names the model; unknown fields are errors)."""
+  kind = fields.get("kind")
   if kind not in KINDS:
     raise ValueError(f"unknown model kind {kind!r}; known: {sorted(KINDS)}")
-  cfg_cls, _ = KINDS[kind]
+  cfg_cls = KINDS[kind].config
   names = {f.name for f in dataclasses.fields(cfg_cls)}
   unknown = sorted(set(fields) - names - {"kind"})
   if unknown:
@@ -32,9 +43,15 @@ def config_for(kind: str, fields: dict):
   return cfg_cls(**{k: v for k, v in fields.items() if k in names})
 
 
-def build(kind: str, fields: dict, seed: int = 0) -> nnx.Module:
-  cfg = config_for(kind, fields)
-  return KINDS[kind][1](cfg, rngs=nnx.Rngs(seed))
+def resolve(fields: dict) -> dict:
+  """The fields as the run builds the model (e.g. a pretrained Qwen3's shape filled in)."""
+  cfg = KINDS[fields["kind"]].resolve(config_for(fields))
+  return {"kind": fields["kind"], **dataclasses.asdict(cfg)}
 
 
-__all__ = ["BOS", "KINDS", "build", "config_for"]
+def build(fields: dict, seed: int = 0) -> ByteModel:
+  """A freshly initialised model of `fields` (no pretrained weights are read)."""
+  return KINDS[fields["kind"]].module(config_for(fields), rngs=nnx.Rngs(seed))
+
+
+__all__ = ["ByteModel", "KINDS", "build", "config_for", "resolve"]

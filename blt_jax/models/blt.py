@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blt_jax.models import flops as flops_lib
-from blt_jax.models import layers
-from blt_jax.models import slot_packing
-from blt_jax.models.byte_lm import VOCAB_IN, VOCAB_OUT
+from blt_jax.constants import BYTES, INPUT_VOCAB
+from blt_jax.models import flops, layers, slot_packing
 from blt_jax.models.hash_embed import HashEmbed
+from blt_jax.models.interface import ByteModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +176,7 @@ class CrossAttention(nnx.Module):
     return x_BxLxD + self.attn.output(out_BxLxHxK)
 
 
-class BLT(nnx.Module):
+class BLT(ByteModel):
   """Maps input ids [B, T] (BOS first) and patch lengths [B, P] to next-byte logits [B, T, 256]."""
 
   needs_patches = True
@@ -188,7 +187,7 @@ class BLT(nnx.Module):
     E, G, D, k = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k
     tf = dict(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta, dtype=dtype,
               remat=cfg.remat, rngs=rngs)
-    self.embed = nnx.Embed(VOCAB_IN, E, dtype=dtype, param_dtype=jnp.float32,
+    self.embed = nnx.Embed(INPUT_VOCAB, E, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.hash_embed = (HashEmbed(cfg.hash_ngrams, cfg.hash_buckets, E, dtype=dtype, rngs=rngs)
                        if cfg.hash_ngrams else None)
@@ -206,7 +205,7 @@ class BLT(nnx.Module):
                                     rngs=rngs)
     self.decoder = layers.Transformer(D, cfg.dec_layers, cfg.dec_heads, window=cfg.dec_window,
                                       **tf)
-    self.head = layers.dense(D, VOCAB_OUT, rngs=rngs, dtype=dtype)
+    self.head = layers.dense(D, BYTES, rngs=rngs, dtype=dtype)
 
   def embed_inputs(self, inputs_BxT):
     """[B, T, E]: byte embedding plus hash n-gram embeddings, sum scaled by 1/sqrt(#tables)."""
@@ -219,6 +218,19 @@ class BLT(nnx.Module):
   def __call__(self, inputs_BxT, patch_lengths_BxP, packed: bool = False, shards: int = 1):
     return self.forward_embedded(self.embed_inputs(inputs_BxT), patch_lengths_BxP, packed,
                                  shards)
+
+  def logits(self, batch: dict, *, packed: bool = False, shards: int = 1):
+    return self(batch["inputs"], batch["patch_lengths"], packed, shards)
+
+  def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
+    return flops.blt_flops_per_byte(self.cfg, seq_len, mean_patch_size)
+
+  def param_counts(self) -> dict:
+    counts = super().param_counts()
+    if self.hash_embed is not None:
+      n_hash = sum(p.size for p in jax.tree.leaves(nnx.state(self.hash_embed, nnx.Param)))
+      counts["without_hash"] = counts["total"] - int(n_hash)
+    return counts
 
   def packs(self, batch_size: int, n_slots: int, shards: int = 1) -> bool:
     """Whether batches of this shape can run packed (`global_capacity` saves rows)."""
@@ -272,19 +284,3 @@ class BLT(nnx.Module):
     d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPkxD, g_BxT)
     d_BxTxD = self.decoder(d_BxTxD)
     return self.head(d_BxTxD).astype(jnp.float32)
-
-
-# ----------------------------------------------------------------------------- accounting
-
-def param_counts(model: nnx.Module) -> dict:
-  """Parameter counts: total, and without the hash n-gram embedding tables."""
-  total = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  hash_embed = getattr(model, "hash_embed", None)
-  n_hash = (sum(p.size for p in jax.tree.leaves(nnx.state(hash_embed, nnx.Param)))
-            if hash_embed is not None else 0)
-  return dict(total=int(total), without_hash=int(total - n_hash))
-
-
-def flops_per_byte(cfg: BLTConfig, seq_len: int, mean_patch_size: float | None = None) -> float:
-  """Training (forward + backward) matmul FLOPs per byte; see `flops.blt_flops_per_byte`."""
-  return flops_lib.blt_flops_per_byte(cfg, seq_len, mean_patch_size)

@@ -6,11 +6,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from blt_jax.models import layers
-
-BOS = 256          # input id of the beginning-of-sequence token; bytes are 0..255
-VOCAB_IN = 257     # bytes + BOS
-VOCAB_OUT = 256    # next-byte distribution
+from blt_jax.constants import BYTES, INPUT_VOCAB
+from blt_jax.models import flops, layers
+from blt_jax.models.interface import ByteModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,22 +23,23 @@ class ByteLMConfig:
   remat: bool = False        # recompute block activations in the backward pass
 
 
-class ByteLM(nnx.Module):
+class ByteLM(ByteModel):
   """Maps input ids [B, T] (BOS first) to next-byte logits [B, T, 256]."""
-
-  needs_patches = False
 
   def __init__(self, cfg: ByteLMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
-    self.embed = nnx.Embed(VOCAB_IN, cfg.dim, dtype=dtype, param_dtype=jnp.float32,
+    self.embed = nnx.Embed(INPUT_VOCAB, cfg.dim, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, window=cfg.window,
                                     mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta,
                                     dtype=dtype, remat=cfg.remat, rngs=rngs)
-    self.head = layers.dense(cfg.dim, VOCAB_OUT, rngs=rngs, dtype=dtype)
+    self.head = layers.dense(cfg.dim, BYTES, rngs=rngs, dtype=dtype)
 
-  def __call__(self, inputs_BxT, patch_lengths_BxP=None):
-    del patch_lengths_BxP  # a byte LM has no patches
+  def __call__(self, inputs_BxT):
     x_BxTxD = self.trunk(self.embed(inputs_BxT))
     return self.head(x_BxTxD).astype(jnp.float32)
+
+  def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
+    del mean_patch_size  # no patches
+    return flops.byte_lm_flops_per_byte(self.cfg, seq_len)

@@ -11,9 +11,8 @@ Conventions (one multiply-add = 2 FLOPs; training = 3 x forward, i.e. backward =
 """
 from __future__ import annotations
 
+from blt_jax.constants import BYTES
 from blt_jax.models import layers
-
-VOCAB_OUT = 256
 
 
 def mean_context(n: int, window: int = 0) -> float:
@@ -32,7 +31,7 @@ def block_flops(dim: int, mlp_ratio: float, context: float) -> float:
 def byte_lm_flops_per_byte(cfg, seq_len: int) -> float:
   """Training FLOPs per byte of ByteLM at sequence length `seq_len`."""
   ctx = mean_context(seq_len, cfg.window)
-  fwd = cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx) + 2 * cfg.dim * VOCAB_OUT
+  fwd = cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx) + 2 * cfg.dim * BYTES
   return 3.0 * fwd
 
 
@@ -58,7 +57,7 @@ def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) 
               + (2 * E * D if E != D else 0)
               + 2 * 2 * D * D + 4 * D * k
               + cfg.dec_layers * block_flops(D, cfg.mlp_ratio, mean_context(T, cfg.dec_window))
-              + 2 * D * VOCAB_OUT)
+              + 2 * D * BYTES)
   per_patch = (2 * E * G
                + k * 2 * 2 * S * S + 4 * G * m
                + cfg.global_layers * block_flops(G, cfg.mlp_ratio, mean_context(n_p))
@@ -72,13 +71,4 @@ def qwen3_flops_per_byte(cfg, seq_len: int) -> float:
   d = cfg.hidden_size
   block = 2 * (d * q + 2 * d * kv + q * d + 3 * d * cfg.intermediate_size)
   block += 4 * q * mean_context(seq_len)
-  return 3.0 * (cfg.num_hidden_layers * block + 2 * d * VOCAB_OUT)
-
-
-def flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) -> float:
-  """Dispatches on the config: BLT (`global_dim`), Qwen3 (`num_key_value_heads`), byte LM."""
-  if hasattr(cfg, "global_dim"):
-    return blt_flops_per_byte(cfg, seq_len, mean_patch_size)
-  if hasattr(cfg, "num_key_value_heads"):
-    return qwen3_flops_per_byte(cfg, seq_len)
-  return byte_lm_flops_per_byte(cfg, seq_len)
+  return 3.0 * (cfg.num_hidden_layers * block + 2 * d * BYTES)

@@ -12,7 +12,9 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-PAD_ID = 257            # stands for "before the sequence start"; input ids are 0..256
+from blt_jax.constants import INPUT_VOCAB
+
+PAD_ID = INPUT_VOCAB    # stands for "before the sequence start": one past every input id
 HASH_MULT = 1000000007  # polynomial base (odd, fits in uint32)
 
 

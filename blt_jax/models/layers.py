@@ -61,8 +61,7 @@ def matmul(x_xK, w_KxN):
   """x @ w over the last axis of x, with the same gradients as JAX's own. Only the backward
   differs: when x is narrower than the output (K < N), the weight gradient x^T dy is
   computed from an explicit transpose of x. Left to itself, XLA:CPU transposes dy there,
-  the wider operand, and the training step of configs/patch3.py takes 1.06-1.08x as long
-  (the byte baseline's 1.15x; measured in one process, alternating the two)."""
+  the wider operand, and the train step is slower (docs/benchmarks.md)."""
   return x_xK @ w_KxN
 
 

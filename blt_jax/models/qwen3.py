@@ -1,7 +1,13 @@
-"""Qwen3 in flax.nnx, and a loader for Hugging Face checkpoints (safetensors).
+"""Qwen3 in flax.nnx, a loader for Hugging Face checkpoints (read with the safetensors
+library), and `ByteQwen3`: a Qwen3 adapted to the byte vocabulary.
 
   model = qwen3.from_pretrained("path/to/Qwen3-0.6B", dtype="bfloat16")
   logits_BxTxV = model(token_ids_BxT)
+
+  cfg = ByteQwen3Config.resolve(ByteQwen3Config(path="path/to/Qwen3-0.6B"))  # shape only
+  model = ByteQwen3(cfg, rngs=nnx.Rngs(0))  # reads no files
+  model.load_pretrained()                    # byte rows of the pretrained weights
+  logits_BxTx256 = model(inputs_BxT)
 
 Grouped-query attention with per-head q/k RMSNorm before RoPE, SwiGLU MLP, pre-norm
 blocks, tied or untied LM head. Shapes in names: B batch, T length, D hidden, H query
@@ -11,17 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import safetensors
 from flax import nnx
 
+from blt_jax.constants import BYTES, INPUT_VOCAB
 from blt_jax.errors import UserError
-from blt_jax.models import layers
+from blt_jax.models import flops, layers
+from blt_jax.models.interface import ByteModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +155,6 @@ class Qwen3Layer(nnx.Module):
 class Qwen3(nnx.Module):
   """Causal LM: token ids [B, T] -> logits [B, T, vocab_size] (float32)."""
 
-  needs_patches = False
-
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
@@ -172,8 +177,7 @@ class Qwen3(nnx.Module):
       x_BxTxD = apply_layer(layer, x_BxTxD, mask_TxS, positions_BxT)
     return self.norm(x_BxTxD)
 
-  def __call__(self, ids_BxT, patch_lengths_BxP=None):
-    del patch_lengths_BxP  # a token LM has no patches
+  def __call__(self, ids_BxT):
     x_BxTxD = self.hidden(ids_BxT)
     if self.lm_head is None:
       return self.embed_tokens.attend(x_BxTxD).astype(jnp.float32)
@@ -182,56 +186,73 @@ class Qwen3(nnx.Module):
 
 # ----------------------------------------------------------------------------- loading
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+def _listing(names) -> str:
+  """The first of sorted `names`, and how many more there are."""
+  more = len(names) - 1
+  return names[0] + (f" (and {more} more)" if more else "")
 
 
-def read_safetensors(path: str | Path, names=None) -> dict[str, np.ndarray]:
-  """Tensors of one .safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16).
+def _check_present(names, present, source):
+  missing = sorted(set(names) - set(present))
+  if missing:
+    raise UserError(f"{source} lacks tensor {_listing(missing)}")
 
-  Reads the header (u64 length + JSON) itself, so bf16 works without torch.
-  """
-  path = Path(path)
-  if not path.is_file():
-    raise UserError(f"missing safetensors file {path}")
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise UserError(f"{path} is not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", head)
-    try:
-      header = json.loads(f.read(n))
-    except ValueError:
-      raise UserError(f"{path} is not a safetensors file (bad header)")
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+
+def _open(file: Path):
+  """One safetensors file, opened (a context manager); tensors come back as jax arrays."""
+  if not file.is_file():
+    raise UserError(f"missing safetensors file {file}")
+  try:
+    return safetensors.safe_open(str(file), framework="flax")
+  except safetensors.SafetensorError as e:
+    raise UserError(f"{file} is not a safetensors file ({' '.join(str(e).split())})") from None
+
+
+def read_safetensors(file: str | Path, names=None) -> dict[str, jax.Array]:
+  """Tensors of one .safetensors file (all, or those in `names`) in their stored dtype."""
+  file = Path(file)
+  with _open(file) as f:
+    present = f.keys()
+    names = present if names is None else sorted(names)
+    _check_present(names, present, file)
+    return {name: f.get_tensor(name) for name in names}
+
+
+def _checkpoint_files(path: Path) -> dict[Path, set[str] | None]:
+  """Safetensors files of a HF directory -> the tensors to read from each (None: all)."""
+  single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+  if single.is_file():
+    return {single: None}
+  if not index.is_file():
+    raise UserError(f"missing weights: no model.safetensors or model.safetensors.index.json "
+                    f"in {path}")
+  try:
+    weight_map = dict(json.loads(index.read_text())["weight_map"])
+  except (ValueError, KeyError, TypeError):
+    raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
+  files = {}
+  for name, shard in weight_map.items():
+    files.setdefault(path / shard, set()).add(name)
+  return files
+
+
+def read_checkpoint(path: str | Path) -> dict[str, jax.Array]:
+  """All tensors of a HF directory: model.safetensors or the shards of its index."""
   out = {}
-  for name, info in header.items():
-    if name == "__metadata__" or (names is not None and name not in names):
-      continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise UserError(f"tensor {name} in {path} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-    out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(info["shape"])
+  for file, names in _checkpoint_files(Path(path)).items():
+    out.update(read_safetensors(file, names))
   return out
 
 
-def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
-  """All tensors of a HF directory: model.safetensors or a sharded index."""
-  path = Path(path)
-  single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-  if single.is_file():
-    return read_safetensors(single)
-  if index.is_file():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-      wanted = {k for k, v in weight_map.items() if v == shard}
-      out.update(read_safetensors(path / shard, wanted))
-    return out
-  raise UserError(f"missing weights: no model.safetensors or model.safetensors.index.json "
-                  f"in {path}")
+def checkpoint_names(path: str | Path) -> set[str]:
+  """Tensor names of a HF directory, from the file headers (reads no tensor data)."""
+  out = set()
+  for file, names in _checkpoint_files(Path(path)).items():
+    with _open(file) as f:
+      present = set(f.keys())
+    _check_present(names or (), present, file)
+    out |= present if names is None else names
+  return out
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -276,18 +297,15 @@ def _variable(module, path):
   return node
 
 
-def load_weights(model: Qwen3, tensors: dict[str, np.ndarray], source="checkpoint"):
-  """Copies HF tensors into `model` (in place), checking names and shapes."""
+def load_weights(model: Qwen3, tensors: dict, source="checkpoint"):
+  """Copies HF tensors (jax or numpy arrays) into `model` in place, checking names and
+  shapes."""
   cfg = model.cfg
   expected = hf_param_names(cfg)
-  missing = sorted(set(expected) - set(tensors))
-  if missing:
-    raise UserError(f"{source} lacks tensor {missing[0]}" +
-                    (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  _check_present(expected, tensors, source)
   extra = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
   if extra:
-    raise UserError(f"{source} has unexpected tensor {extra[0]}" +
-                    (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    raise UserError(f"{source} has unexpected tensor {_listing(extra)}")
   for name, (path, transpose) in expected.items():
     var = _variable(model, path)
     want = tuple(var.get_value().shape)
@@ -297,8 +315,21 @@ def load_weights(model: Qwen3, tensors: dict[str, np.ndarray], source="checkpoin
       raise UserError(f"tensor {name} has shape {tuple(array.shape)} but the model expects "
                       f"{want_hf} (from config.json)")
     array = array.T if transpose else array
-    var.set_value(jnp.asarray(np.asarray(array), dtype=jnp.dtype(cfg.param_dtype)))
+    var.set_value(jnp.asarray(array, dtype=jnp.dtype(cfg.param_dtype)))
   return model
+
+
+def pretrained_config(path: str | Path, **overrides) -> Qwen3Config:
+  """The Qwen3Config of a local HF directory, from config.json and the tensor names (no
+  tensor data is read); checks the files hold every tensor it needs."""
+  hf = read_hf_config(path)
+  check_architecture(hf)
+  names = checkpoint_names(path)
+  if "tie_word_embeddings" not in hf:  # absent: tied iff the file has no separate head
+    overrides.setdefault("tie_word_embeddings", "lm_head.weight" not in names)
+  cfg = Qwen3Config.from_hf(hf, **overrides)
+  _check_present(hf_param_names(cfg), names, path)
+  return cfg
 
 
 def from_pretrained(path: str | Path, dtype: str = "float32",
@@ -307,61 +338,55 @@ def from_pretrained(path: str | Path, dtype: str = "float32",
 
   `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: dtype).
   """
-  hf = read_hf_config(path)
-  check_architecture(hf)
-  tensors = read_checkpoint(path)
-  overrides = {}
-  if "tie_word_embeddings" not in hf:  # absent: tied iff the file has no separate head
-    overrides["tie_word_embeddings"] = "lm_head.weight" not in tensors
-  cfg = Qwen3Config.from_hf(hf, dtype=str(jnp.dtype(dtype)),
-                            param_dtype=str(jnp.dtype(param_dtype or dtype)), **overrides)
+  cfg = pretrained_config(path, dtype=str(jnp.dtype(dtype)),
+                          param_dtype=str(jnp.dtype(param_dtype or dtype)))
   model = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
-  return load_weights(model, tensors, source=str(path))
+  return load_weights(model, read_checkpoint(path), source=str(path))
 
 
 # ----------------------------------------------------------------- byte adaptation
-
-BYTE_VOCAB_IN = 257   # bytes 0..255 + BOS (256), as every blt-jax model takes
-BYTE_VOCAB_OUT = 256
-
 
 def byte_to_unicode() -> dict[int, str]:
   """The byte-level BPE alphabet: each byte's one-character token string."""
   keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
   table, extra = {}, 0
-  for b in range(256):
+  for b in range(BYTES):
     if b in keep:
       table[b] = chr(b)
     else:
-      table[b] = chr(256 + extra)
+      table[b] = chr(256 + extra)  # GPT-2's stand-ins for unprintable bytes
       extra += 1
   return table
 
 
 def byte_token_ids(path: str | Path, bos_token: str = "<|endoftext|>") -> np.ndarray:
-  """[257] Qwen token ids of the 256 single-byte tokens, then of `bos_token` (for BOS)."""
+  """[INPUT_VOCAB] Qwen token ids of the single-byte tokens, then of `bos_token` (for BOS)."""
   file = Path(path) / "tokenizer.json"
   if not file.is_file():
     raise UserError(f"missing tokenizer.json in {path} (needed for the byte vocabulary)")
-  tok = json.loads(file.read_text())
+  try:
+    tok = json.loads(file.read_text())
+  except ValueError as e:
+    raise UserError(f"bad JSON in {file}: {e}") from None
   vocab = dict(tok.get("model", {}).get("vocab", {}))
   vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
   table = byte_to_unicode()
-  missing = [b for b in range(256) if table[b] not in vocab]
+  missing = [b for b in range(BYTES) if table[b] not in vocab]
   if missing:
     raise UserError(f"tokenizer.json in {path} has no single-byte token for byte {missing[0]} "
                     f"({len(missing)} bytes missing); not a byte-level BPE vocabulary")
   if bos_token not in vocab:
     raise UserError(f"tokenizer.json in {path} has no token {bos_token!r} to use as BOS")
-  return np.array([vocab[table[b]] for b in range(256)] + [vocab[bos_token]], np.int64)
+  return np.array([vocab[table[b]] for b in range(BYTES)] + [vocab[bos_token]], np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class ByteQwen3Config:
-  """A Qwen3 with a 257-entry byte input and 256-entry next-byte head.
+  """A Qwen3 with an INPUT_VOCAB-entry byte input and a BYTES-entry next-byte head.
 
-  With `path`, shape fields come from the checkpoint's config.json and the byte rows of its
-  embedding / head are kept; without it, a random Qwen3 of the shape below.
+  `path`: a HF Qwen3 directory to start from ('' = random init). `resolve` sets the shape
+  fields to its shape; `ByteQwen3.load_pretrained` reads its weights (byte rows of the
+  embedding / head).
   """
   path: str = ""
   hidden_size: int = 64
@@ -376,32 +401,67 @@ class ByteQwen3Config:
   dtype: str = "float32"     # compute dtype; parameters stay float32
   remat: bool = False        # recompute each layer's activations in the backward pass
 
+  @staticmethod
+  def resolve(cfg: ByteQwen3Config) -> ByteQwen3Config:
+    """`cfg` with the shape of the checkpoint at `cfg.path` (reads config.json, tensor
+    names and tokenizer.json, no weights); `cfg` itself without a path."""
+    if not cfg.path:
+      return cfg
+    shape = _checkpoint_shape(cfg.path)
+    byte_token_ids(cfg.path)  # a folder without the byte vocabulary fails before training
+    return dataclasses.replace(cfg, **shape)
 
-class ByteQwen3(nnx.Module):
-  """Input ids [B, T] (BOS = 256 first) -> next-byte logits [B, T, 256]."""
 
-  needs_patches = False
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ByteQwen3Config)
+                      if f.name not in ("path", "dtype", "remat"))
+
+
+def _checkpoint_shape(path: str) -> dict:
+  """The ByteQwen3Config shape fields of the HF directory `path`."""
+  lm_cfg = pretrained_config(path)
+  if lm_cfg.attention_bias:
+    raise UserError(f"Qwen3 config.json in {path} has attention_bias=true, which byte "
+                    f"models do not support")
+  return {name: getattr(lm_cfg, name) for name in _SHAPE_FIELDS}
+
+
+class ByteQwen3(ByteModel):
+  """Input ids [B, T] (BOS first) -> next-byte logits [B, T, BYTES]. Built from its shape
+  alone (reads no files); `load_pretrained` reads the weights of `cfg.path`."""
 
   def __init__(self, cfg: ByteQwen3Config, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    if not cfg.path:
-      shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-               if f.name != "path"}
-      self.lm = Qwen3(Qwen3Config(vocab_size=BYTE_VOCAB_IN, **shape), rngs=rngs)
+    shape = {name: getattr(cfg, name) for name in _SHAPE_FIELDS}
+    lm_cfg = Qwen3Config(vocab_size=INPUT_VOCAB, dtype=cfg.dtype, param_dtype="float32",
+                         remat=cfg.remat, **shape)
+    self.lm = Qwen3(lm_cfg, rngs=rngs)
+
+  def __call__(self, inputs_BxT):
+    return self.lm(inputs_BxT)[..., :BYTES]
+
+  def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
+    del mean_patch_size  # no patches
+    return flops.qwen3_flops_per_byte(self.lm.cfg, seq_len)
+
+  def load_pretrained(self) -> None:
+    """Copies the weights of `cfg.path` into the model, keeping the byte rows of the
+    embedding / head; a no-op without a path. The shape must be `resolve`d."""
+    path = self.cfg.path
+    if not path:
       return
-    hf = read_hf_config(cfg.path)
-    check_architecture(hf)
-    tensors = dict(read_checkpoint(cfg.path))
-    ids = byte_token_ids(cfg.path)
-    tied = hf.get("tie_word_embeddings", "lm_head.weight" not in tensors)
+    shape = _checkpoint_shape(path)
+    for name in _SHAPE_FIELDS:
+      if getattr(self.cfg, name) != shape[name]:
+        raise UserError(f"model {name}={getattr(self.cfg, name)!r} but the checkpoint in "
+                        f"{path} has {shape[name]!r}; build the model from "
+                        f"ByteQwen3Config.resolve(cfg)")
+    token_ids = byte_token_ids(path)
+    tensors = read_checkpoint(path)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
       if name in tensors:
-        tensors[name] = np.asarray(tensors[name])[ids]
-    hf = {**hf, "vocab_size": BYTE_VOCAB_IN, "tie_word_embeddings": tied}
-    lm_cfg = Qwen3Config.from_hf(hf, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat)
-    self.lm = nnx.eval_shape(lambda: Qwen3(lm_cfg, rngs=nnx.Rngs(0)))
-    load_weights(self.lm, tensors, source=cfg.path)
-
-  def __call__(self, inputs_BxT, patch_lengths_BxP=None):
-    del patch_lengths_BxP
-    return self.lm(inputs_BxT)[..., :BYTE_VOCAB_OUT]
+        rows = tensors[name].shape[0]
+        if token_ids.max() >= rows:
+          raise UserError(f"tokenizer.json in {path} has token id {token_ids.max()} but tensor "
+                          f"{name} has {rows} rows")
+        tensors[name] = tensors[name][token_ids]
+    load_weights(self.lm, tensors, source=path)

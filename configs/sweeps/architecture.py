@@ -20,6 +20,6 @@ def get_config(arg=None):
   c = common.sweep_config(
       arg, title="Architecture (BLT patch3)",
       description="One change per row from BLT patch3 (entropy patching, mean patch 3).",
-      variants={name: ("configs/patch3.py", o) for name, o in changes.items()})
+      variants={name: ("configs.patch3", o) for name, o in changes.items()})
   c.sweep.connect = False  # one point per variant
   return c

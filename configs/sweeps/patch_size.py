@@ -15,4 +15,4 @@ def get_config(arg=None):
       description="Same BLT shape; the entropy threshold is calibrated on training "
                   "windows to each target mean patch size. Larger patches mean fewer "
                   "global-transformer steps, so fewer FLOPs per byte.",
-      variants={f"patch{n}": (f"configs/patch{n}.py", {}) for n in (3, 5, 7, 10, 12)})
+      variants={f"patch{n}": (f"configs.patch{n}", {}) for n in (3, 5, 7, 10, 12)})

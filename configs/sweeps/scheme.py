@@ -30,20 +30,20 @@ def get_config(arg=None):
   shape = {k: v for k, v in blt.model.to_dict().items() if k != "kind"}
   target = flops.blt_flops_per_byte(BLTConfig(**shape), blt.data.seq_len, PATCH)
   byte_lm = matched_byte_lm(target, blt.data.seq_len, common.BYTE_LM[size]["n_heads"])
-  derived = {"model.max_patches": 0}  # slots from each rule's mean patch size
+  derived = {"model.max_patches": None}  # slots from each rule's mean patch size
   c = common.sweep_config(
       arg, title="Patching scheme at matched FLOPs per byte",
       description=f"BLT rows share one shape at a mean patch size of about {PATCH}; the "
                   "byte transformer is sized to the same analytic training FLOPs per byte.",
       variants={
-          "entropy_global": ("configs/patch3.py", {"patching.target_patch_size": PATCH,
+          "entropy_global": ("configs.patch3", {"patching.target_patch_size": PATCH,
                                                    **derived}),
-          "entropy_monotonic": ("configs/patch3.py", {"patching.mode": "monotonic",
+          "entropy_monotonic": ("configs.patch3", {"patching.mode": "monotonic",
                                                       "patching.target_patch_size": PATCH,
                                                       **derived}),
-          f"static{PATCH}": ("configs/static4.py", {"patching.patch_size": PATCH, **derived}),
-          "space": ("configs/space.py", derived),
-          "byte_transformer": ("configs/byte_baseline.py",
+          f"static{PATCH}": ("configs.static4", {"patching.patch_size": PATCH, **derived}),
+          "space": ("configs.space", derived),
+          "byte_transformer": ("configs.byte_baseline",
                                {f"model.{k}": v for k, v in byte_lm.items()}),
       })
   c.sweep.connect = False  # one point per scheme

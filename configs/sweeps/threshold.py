@@ -4,7 +4,7 @@ monotonic (h[t] - h[t-1] > θ) patching with the default entropy patcher.
   python launch.py --config=configs/sweeps/threshold.py[:size=tiny]
 
 Patch slots are sized from each threshold's mean patch size on training data
-(`model.max_patches=0`). The thresholds suit the small patcher (size=small); at the
+(`model.max_patches=None`). The thresholds suit the small patcher (size=small); at the
 global thresholds below it gives mean patches of about 1.9 to 6.6 bytes, and at the
 monotonic ones about 2.1 to 7.4.
 """
@@ -18,9 +18,9 @@ def get_config(arg=None):
   variants = {}
   for mode, thresholds in (("global", GLOBAL), ("monotonic", MONOTONIC)):
     for t in thresholds:
-      variants[f"{mode}_{t:g}".replace(".", "p")] = ("configs/patch3.py", {  # global_2p25
+      variants[f"{mode}_{t:g}".replace(".", "p")] = ("configs.patch3", {  # global_2p25
           "patching.mode": mode, "patching.threshold": t,
-          "patching.target_patch_size": 0.0, "model.max_patches": 0})
+          "patching.target_patch_size": 0.0, "model.max_patches": None})
   return common.sweep_config(
       arg, title="Entropy threshold",
       description="Global and monotonic entropy patching at fixed thresholds; "

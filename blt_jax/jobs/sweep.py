@@ -1,10 +1,11 @@
 """Sweeps: run the variants of a sweep config in turn (resumable), then write
 results.csv / results.md and plots into the sweep's workdir.
 
-A sweep config (`configs/sweeps/*.py`, mode `sweep`) lists variants, each a config file
-with field overrides. Variant `name` at seed k trains in `<workdir>/<name>/seed<k>` with
-the ordinary BLT/byte-model job (`modes.train`), so every row is a normal run that can be
-evaluated, sampled or restored on its own. A finished run is not trained again.
+A sweep config (`configs/sweeps/*.py`, mode `sweep`) lists variants, each a config (by
+module name) with nested field overrides. Variant `name` at seed k trains in
+`<workdir>/<name>/seed<k>` with the ordinary train job (`jobs.train`), so every row is a
+normal run that can be evaluated, sampled or restored on its own. A finished run is not
+trained again.
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from blt_jax import api, checkpoint, entropy, patching, pipeline, plots, splits
-from blt_jax import train as train_lib
+from blt_jax import api, checkpoint, config_files, entropy, models, patching, plots, train
 from blt_jax.errors import UserError
+from blt_jax.jobs import entropy_model, train as train_job
+from blt_jax.resolved import Resolved
+from blt_jax.splits import Splits
 
 # (results key, table header, format) in table order; mean (± std over seeds) per variant.
 COLUMNS = (
@@ -44,20 +48,6 @@ SCALE = {"params": 1e-6, "params_without_hash": 1e-6, "train_flops_per_byte": 1e
 
 # ------------------------------------------------------------------------- variants
 
-def set_field(config: ml_collections.ConfigDict, dotted: str, value):
-  """config['a.b.c'] = value, for an existing field (a typo is an error, not a new field)."""
-  *path, leaf = dotted.split(".")
-  node = config
-  for part in path:
-    if part not in node:
-      raise UserError(f"sweep override {dotted!r}: no section {part!r}")
-    node = node[part]
-  if leaf not in node:
-    raise UserError(f"sweep override {dotted!r}: no field {leaf!r}")
-  with node.ignore_type():
-    node[leaf] = value
-
-
 def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
   """The runs of a sweep: [{name, config, overrides, seed, series}] in order."""
   models = [m.strip() for m in sweep.entropy_models.split(",") if m.strip()] or ["default"]
@@ -72,9 +62,9 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
   for name, v in sorted(sweep.variants.items(), key=lambda item: item[1].rank):
     if only and name not in only:
       continue
-    overrides = json.loads(v.overrides)
+    overrides = config_files.flatten(v.overrides.to_dict())
     probe = variant_config(sweep, dict(config=v.config, overrides=overrides, seed=0))
-    uses_entropy = probe.patching.mode in pipeline.ENTROPY_MODES
+    uses_entropy = probe.patching.mode in patching.THRESHOLD_MODES
     for model in (models if uses_entropy else ["default"]):
       label = name if model == "default" or len(models) == 1 else f"{name}@{Path(model).name}"
       extra = {} if model == "default" else {"patching.entropy_workdir": model}
@@ -88,40 +78,35 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
 
 def variant_config(sweep: ml_collections.ConfigDict, run: dict,
                    mesh: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-  """A run's config: its file, its overrides, the seed, the sweep-wide fields and mesh."""
-  config = pipeline.load_config_file(run["config"])
-  if mesh is not None:
-    config.mesh = ml_collections.ConfigDict(mesh.to_dict())
-  for key, value in run["overrides"].items():
-    set_field(config, key, value)
-  config.train.seed = run["seed"]
+  """A run's config: its module, its overrides, the seed, the sweep-wide fields and mesh."""
+  overrides = {**run["overrides"], "train.seed": run["seed"]}
   if sweep.steps > 0:
-    config.train.steps = sweep.steps
+    overrides["train.steps"] = sweep.steps
   if sweep.corpus:
-    config.data.corpus = sweep.corpus
-  return config
+    overrides["data.corpus"] = sweep.corpus
+  if mesh is not None:
+    overrides.update(config_files.flatten({"mesh": mesh.to_dict()}))
+  return config_files.load(run["config"], overrides)
 
 
 # ------------------------------------------------------------------------- FLOPs
 
-def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
+def xla_train_flops_per_byte(config: ml_collections.ConfigDict, model_fields: dict) -> float:
   """XLA's HLO cost analysis of one whole train step (forward, backward, optimizer),
   per byte position of the batch: the FLOPs executed, masked parts of attention blocks and every
   patch slot included, unlike the analytic model FLOPs of `models.flops`."""
-  from flax import nnx
-
   def init():
-    model = train_lib.build_model(config)
-    return model, nnx.Optimizer(model, train_lib.make_optimizer(config.train), wrt=nnx.Param)
+    model = models.build(model_fields)
+    return model, nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
 
   graphdef, state = nnx.split(nnx.eval_shape(init))
   B, T = config.train.batch_size, config.data.seq_len
   batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
            "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
            "mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
-  if config.patching.mode != "none":
-    batch["patch_lengths"] = jax.ShapeDtypeStruct((B, config.model.max_patches), jnp.int32)
-  step = train_lib.make_train_step(graphdef, grad_accum=config.train.get("grad_accum", 1))
+  if "max_patches" in model_fields:
+    batch["patch_lengths"] = jax.ShapeDtypeStruct((B, model_fields["max_patches"]), jnp.int32)
+  step = train.make_train_step(graphdef, grad_accum=config.train.get("grad_accum", 1))
   cost = step.lower(state, batch).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / (B * T)
@@ -131,23 +116,20 @@ def xla_train_flops_per_byte(config: ml_collections.ConfigDict) -> float:
 
 def run_one(config, run: dict, workdir: Path) -> dict:
   """Trains one variant at one seed unless finished; its summary plus the sweep fields."""
-  from blt_jax import modes  # modes runs sweeps through this module
   config = variant_config(config.sweep, run, config.mesh)
   summary_file = workdir / "summary.json"
   summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
   if summary.get("step", -1) >= config.train.steps:
     saved = checkpoint.read_config(workdir)[0]
-    if config.model.get("max_patches", 1) <= 0:  # derived when the run started
-      config.model.max_patches = saved["model"]["max_patches"]
-    train_lib.check_same_model(saved, config, workdir)  # a stale row from an edited sweep
+    checkpoint.check_same_model(saved, config.model.to_dict(), workdir)  # a stale row
     print(f"{run['name']} seed {run['seed']}: finished, reusing {workdir}")
   else:
     print(f"\n=== {run['name']} seed {run['seed']} ({run['config']}) -> {workdir}")
-    modes.train(config, workdir)
+    train_job.run(config, workdir)
     summary = json.loads(summary_file.read_text())
   if "xla_train_flops_per_byte" not in summary:
-    saved = ml_collections.ConfigDict(checkpoint.read_config(workdir)[0])  # resolved slots
-    summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(saved)
+    summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(
+        config, Resolved.of_run(workdir).model)
     summary_file.write_text(json.dumps(summary, indent=1) + "\n")
   return {"variant": run["name"], "seed": run["seed"], "series": run["series"],
           "config": run["config"], "patching": config.patching.mode,
@@ -155,7 +137,7 @@ def run_one(config, run: dict, workdir: Path) -> dict:
           "workdir": str(workdir), **summary}
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path):
   """Runs every variant (skipping finished ones), then writes tables and plots."""
   sweep = config.sweep
   runs = expand(sweep)  # builds every variant's config: typos fail before any training
@@ -187,7 +169,7 @@ def check_entropy_models(sweep, runs: list[dict]):
     if workdir and Path(workdir).is_dir() and checkpoint.Checkpointer(
         workdir).latest_step() is not None:
       config = variant_config(sweep, run)
-      pipeline.check_entropy_workdir(workdir, splits.Splits(config).split)
+      entropy_model.check_split(workdir, Splits(config).split)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -278,16 +260,15 @@ def boundaries_figure(workdir: Path, sweep, rows: list[dict]):
     if row["seed"] != 0 or row["patching"] == "none":
       continue
     lm = api.load(row["workdir"])
-    p = lm.config.patching
+    rule = lm.resolved.patching
     h = None
-    if p.mode in patching.THRESHOLD_MODES:
-      if p.entropy_workdir not in h_by_model:
-        h_by_model[p.entropy_workdir] = entropy.document_entropies(lm.patcher.lm, raw)
-      h = h_by_model[p.entropy_workdir]
+    if rule.uses_entropy:
+      if rule.entropy_workdir not in h_by_model:
+        h_by_model[rule.entropy_workdir] = entropy.document_entropies(lm.patcher.lm, raw)
+      h = h_by_model[rule.entropy_workdir]
     starts = np.asarray(patching.patch_starts(
-        h, mode=p.mode, threshold=p.threshold if h is not None else None,
-        patch_size=p.patch_size, data=np.frombuffer(raw, np.uint8),
-        max_patch_len=p.max_patch_len or None))
-    panels.append((row["variant"], h, starts, p.threshold if h is not None else None))
+        h, mode=rule.mode, threshold=rule.threshold, patch_size=rule.patch_size,
+        data=np.frombuffer(raw, np.uint8), max_patch_len=rule.max_patch_len))
+    panels.append((row["variant"], h, starts, rule.threshold))
   if panels:
     plots.boundaries_figure(raw, panels, workdir / "patches.png")

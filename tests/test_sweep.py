@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 
 import pytest
 
+import blt_jax
+from blt_jax import models
+from blt_jax.jobs import sweep
 from tests.conftest import launch, tiny_config
 
 PATCH_SIZES = ("patch3", "patch7", "patch12")  # three of the five rows: the ends and one between
@@ -62,7 +66,6 @@ def test_finished_sweep_is_not_retrained(sweep_dir):
 def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):
   """A fine-tuned Qwen3 run patches BLT, next to the default byte patcher."""
   from tests.test_qwen3 import with_tokenizer
-  import blt_jax
   qwen_dir, _ = with_tokenizer("qwen3_tiny", tmp_path)
   qwen_run = tmp_path / "entropy_qwen3"
   result = launch("--config=configs/entropy_qwen3.py:size=tiny", f"--workdir={qwen_run}",
@@ -83,40 +86,37 @@ def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):
   assert rows["patch3@entropy_qwen3"]["series"] == "global@entropy_qwen3"
   assert rows["patch3@entropy"]["threshold"] != rows["patch3@entropy_qwen3"]["threshold"]
   lm = blt_jax.load(out / "patch3@entropy_qwen3" / "seed0")
-  assert lm.config.patching.entropy_workdir == str(qwen_run)
+  assert lm.resolved.patching.entropy_workdir == str(qwen_run)
   assert lm.patcher.lm.config.model.kind == "qwen3"
   assert lm.next_byte_logprobs(b"def f(x):\n  return x\n").shape == (21, 256)
 
 
 def test_aggregate_over_seeds():
-  from blt_jax import experiments
   rows = [dict(variant="a", series="global", config="c", patching="global",
                target_patch_size=3.0, bpb=b, loss=b * 0.69, mean_patch_size=3.0)
           for b in (2.0, 2.2, 2.4)]
-  (row,) = experiments.aggregate(rows)
+  (row,) = sweep.aggregate(rows)
   assert row["seeds"] == 3 and row["bpb"] == pytest.approx(2.2)
   assert row["bpb_std"] == pytest.approx(0.2)
-  assert "2.2000 ± 0.2000" in experiments.markdown_table([row])
+  assert "2.2000 ± 0.2000" in sweep.markdown_table([row])
 
 
 def test_every_sweep_config_expands():
-  import importlib
-  from blt_jax import experiments
-  from blt_jax.models import flops
   expected = {"patch_size": 5, "threshold": 10, "scheme": 5, "architecture": 8}
   for name, n in expected.items():
     config = importlib.import_module(f"configs.sweeps.{name}").get_config("size=tiny")
-    runs = experiments.expand(config.sweep)
+    runs = sweep.expand(config.sweep)
     assert len(runs) == n and config.mode == "sweep"
-    configs = [experiments.variant_config(config.sweep, r) for r in runs]
+    configs = [sweep.variant_config(config.sweep, r) for r in runs]
     assert all(c.size == "tiny" for c in configs)
   scheme = importlib.import_module("configs.sweeps.scheme").get_config("size=small")
-  by_name = {r["name"]: experiments.variant_config(scheme.sweep, r)
-             for r in experiments.expand(scheme.sweep)}
-  from blt_jax import train
-  static = train.build_model(by_name["static8"]).cfg
-  byte = train.build_model(by_name["byte_transformer"]).cfg
-  ratio = flops.flops_per_byte(byte, 256) / flops.flops_per_byte(static, 256, 8)
+  by_name = {r["name"]: sweep.variant_config(scheme.sweep, r)
+             for r in sweep.expand(scheme.sweep)}
+  assert by_name["space"].model.max_patches is None  # derived from the rule when it runs
+  fields = {**by_name["static8"].model.to_dict(), "max_patches": 32}
+  static = models.build(fields)
+  byte = models.build(by_name["byte_transformer"].model.to_dict())
+  ratio = byte.flops_per_byte(256) / static.flops_per_byte(256, 8)
   assert 0.9 < ratio < 1.1  # matched FLOPs per byte
 
 
@@ -131,11 +131,10 @@ def test_bad_sweep_settings_fail_in_one_line(tmp_path):
 
 def test_xla_flops_agree_with_analytic_for_a_dense_byte_lm():
   """Without masked-out work to count, XLA's executed FLOPs match the analytic count."""
-  from blt_jax import experiments, train
-  from blt_jax.models import flops
   config = tiny_config("byte_baseline", **{"data.seq_len": 128})
-  analytic = flops.flops_per_byte(train.build_model(config).cfg, 128)
-  ratio = experiments.xla_train_flops_per_byte(config) / analytic
+  fields = config.model.to_dict()
+  analytic = models.build(fields).flops_per_byte(128)
+  ratio = sweep.xla_train_flops_per_byte(config, fields) / analytic
   assert 1.0 < ratio < 1.35, ratio  # + causal-masked half of the scores, optimizer, softmax
 
 

@@ -1,0 +1,34 @@
+"""What each `config.mode` does: train, eval, patch, sample, sweep. The config is frozen
+here: a run never writes it (what it resolves goes to `<workdir>/resolved.json`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from blt_jax import sharding
+from blt_jax.errors import UserError
+from blt_jax.jobs import evaluate, patch, sample, sweep, train
+
+MODES = {"train": train.run, "eval": evaluate.run, "patch": patch.run, "sample": sample.run,
+         "sweep": sweep.run}
+WRITES_WORKDIR = ("train", "patch", "sweep")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path):
+  """Runs `config.mode` in `workdir`."""
+  config = ml_collections.FrozenConfigDict(config)
+  if config.mode not in MODES:
+    raise UserError(f"unknown mode {config.mode!r} (known: {', '.join(MODES)})")
+  sharding.initialize(config.mesh)  # multi-host: before anything touches a device
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"workdir {workdir} exists and is not a directory")
+  if config.mode in WRITES_WORKDIR:
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / ".write-test").touch()
+      (workdir / ".write-test").unlink()
+    except OSError as e:
+      raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}")
+  MODES[config.mode](config, workdir)

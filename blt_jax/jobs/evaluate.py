@@ -1,0 +1,45 @@
+"""Mode `eval`: restore a run's checkpoint and score the documents it held out (or all of
+`eval.corpus`), writing `<workdir>/eval.json`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+
+from blt_jax import api, checkpoint, entropy, train
+from blt_jax.errors import UserError
+from blt_jax.evaluate import Evaluator
+from blt_jax.patcher import BatchPatcher
+from blt_jax.splits import SPLIT_FILE, Split, Splits
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path):
+  saved, _ = checkpoint.read_config(workdir, config.eval.step)
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  lm = api.load(workdir, config.eval.step)
+  # The run's own config, with this invocation's eval section and cache.
+  config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),
+                                      "data": {**lm.config.data.to_dict(),
+                                               "cache_dir": config.data.cache_dir}})
+  recorded = Split.load(workdir)
+  if recorded is None and not config.eval.corpus:
+    raise UserError(f"{workdir} has no {SPLIT_FILE}: it was trained before runs recorded "
+                    "their held-out split, so its held-out documents are unknown; "
+                    "evaluate it on eval.corpus")
+  splits = Splits(config, recorded)  # the documents the run held out
+  transform = None
+  if lm.patcher is not None:
+    rule, entropy_lm = lm.patcher.rule, lm.patcher.lm
+    h = (entropy.corpus_entropies(entropy_lm, splits.eval_corpus, config.data.cache_dir)
+         if rule.uses_entropy else None)
+    transform = BatchPatcher(rule, h)
+  batches, total = splits.eval_batches(config, config.eval.max_bytes, transform)
+  graphdef, state = nnx.split(lm.model)
+  result = Evaluator(graphdef)(state, (train.to_device(b) for b in batches), total=total)
+  result.update(step=lm.step, corpus=config.eval.corpus or f"{config.data.corpus} (held-out)")
+  (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+  print(f"{workdir} step {lm.step}: bpb {result['bpb']:.4f}  loss {result['loss']:.4f}  "
+        f"accuracy {result['accuracy']:.3f}  perplexity {result['perplexity']:.3f}  "
+        f"on {result['bytes']} bytes of {result['corpus']}")

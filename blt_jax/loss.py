@@ -1,0 +1,36 @@
+"""The loss and held-out metrics, per real byte: padding, BOS and filler never count."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def token_stats(logits_BxTxV, batch, axis=None):
+  """Sums over real target bytes only: (nll in nats, correct predictions, count), over
+  `axis` (default: all; `()`: per byte, zero at padding)."""
+  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  targets_BxT = batch["targets"]
+  nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  mask_BxT = batch["mask"].astype(jnp.float32)
+  correct_BxT = (jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
+  return (jnp.sum(nll_BxT * mask_BxT, axis), jnp.sum(correct_BxT * mask_BxT, axis),
+          jnp.sum(mask_BxT, axis))
+
+
+def summed_loss(model, batch, *, packed: bool = False, shards: int = 1):
+  """(summed nll in nats, (correct predictions, real bytes)) of a batch: the training loss
+  before it is divided by the byte count (so micro-batches add up exactly)."""
+  nll, correct, count = token_stats(model.logits(batch, packed=packed, shards=shards), batch)
+  return nll, (correct, count)
+
+
+def summarize(nll: float, correct: float, count: float) -> dict:
+  """bpb, loss (nats per byte), accuracy, perplexity and the byte count of summed stats."""
+  if count == 0:
+    return {"bpb": float("nan"), "loss": float("nan"), "accuracy": float("nan"),
+            "perplexity": float("nan"), "bytes": 0}
+  loss = nll / count
+  return {"bpb": loss / math.log(2), "loss": loss, "accuracy": correct / count,
+          "perplexity": math.exp(loss), "bytes": int(count)}

@@ -1,0 +1,44 @@
+"""What every model kind provides: the interface the train loop, eval and the API use.
+
+A model maps input ids [B, T] (BOS first) and, when it `needs_patches`, patch lengths
+[B, P] over the T target bytes, to next-byte logits [B, T, 256] (float32).
+"""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+
+class ByteModel(nnx.Module):
+  """Base of every model kind. Subclasses set `cfg` (their frozen shape dataclass) and
+  implement `__call__` and `flops_per_byte`; the rest has defaults."""
+
+  needs_patches: bool = False  # reads batch["patch_lengths"]
+
+  def logits(self, batch: dict, *, packed: bool = False, shards: int = 1):
+    """Next-byte logits [B, T, 256] of a batch (it holds `inputs`, and `patch_lengths`
+    when the model `needs_patches`). `packed`: see `packs`."""
+    del packed, shards  # only a model that packs reads them
+    return self(batch["inputs"])
+
+  def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
+    """Analytic training (forward + backward) matmul FLOPs per byte (see `flops`)."""
+    raise NotImplementedError
+
+  def param_counts(self) -> dict:
+    """Parameters: `total`, and `without_hash` (without hash n-gram embedding tables)."""
+    total = int(sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param))))
+    return dict(total=total, without_hash=total)
+
+  def packs(self, batch_size: int, n_slots: int, shards: int = 1) -> bool:
+    """Whether batches of this shape can run `packed` (fewer rows of the same logits)."""
+    del batch_size, n_slots, shards
+    return False
+
+  def packing_fits(self, patch_lengths_BxP, seq_len: int, shards: int = 1):
+    """A bool array: whether this batch fits the packed rows. Only for shapes that `packs`."""
+    raise NotImplementedError(f"{type(self).__name__} does not pack")
+
+  def load_pretrained(self) -> None:
+    """Reads pretrained weights into a freshly built model (at the start of training only);
+    a model trained from scratch has none."""

@@ -1,0 +1,1 @@
+"""Config files: `get_config(arg)` per experiment; `common` holds sections, sizes and defaults."""
