@@ -156,6 +156,52 @@ def start_record(config: ml_collections.ConfigDict, workdir: Path,
   return recorded
 
 
+def initial_state(config: ml_collections.ConfigDict, resolved: Resolved, pretrained: bool):
+  """(model graph, (model, optimizer) graph, state) of a fresh model: from its pretrained
+  weights when `pretrained` (a run that starts, not one that resumes)."""
+  runtime = {k: v for k, v in config.model.to_dict().items() if k in checkpoint.RUNTIME_FIELDS}
+  model = build_model({**resolved.model, **runtime}, config.train.seed)
+  if pretrained:
+    model.load_pretrained()
+  optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
+  return (nnx.split(model)[0], *nnx.split((model, optimizer)))
+
+
+def resume(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Checkpointer,
+           state, train_iter) -> int:
+  """Restores the latest checkpoint into `state` (keeping its layout) and the data
+  iterator's position, in place; returns its step."""
+  saved, _ = ckpt.read_config()
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  restored, _, start = ckpt.restore(None, checkpoint.abstract(nnx.to_pure_dict(state)),
+                                    data_iter=train_iter)
+  nnx.replace_by_pure_dict(state, restored)
+  return start
+
+
+def check_finite(pending: list, step: int, last_good: int | None):
+  """Stops at the first non-finite metric of the steps up to `step`, naming its step."""
+  for offset, h in enumerate(jax.device_get(pending)):
+    for key in ("loss", "grad_norm"):
+      if not math.isfinite(float(h[key])):
+        raise Diverged(f"training diverged at step {step - len(pending) + 1 + offset}: "
+                       f"{key} is {float(h[key])} (last good checkpoint: step "
+                       f"{last_good}; lower train.lr or check the data)")
+
+
+def metrics_row(pending: list, step: int, seconds: float) -> dict:
+  """One metrics.jsonl row: the means of the steps since the last row, and bytes/s."""
+  host = jax.device_get(pending)
+  mean = lambda key: float(np.mean([h[key] for h in host]))
+  row = {"step": step, "loss": mean("loss"), "accuracy": mean("accuracy"),
+         "grad_norm": mean("grad_norm"),
+         "bytes_per_s": float(sum(h["bytes"] for h in host)) / seconds}
+  row["bpb"] = row["loss"] / math.log(2)
+  if "packed" in host[0]:
+    row["packed"] = mean("packed")
+  return row
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           splits: splits_lib.Splits, rule: PatchRule | None = None, transform=None,
           eval_transform=None, progress: bool = True, devices=None,
@@ -185,25 +231,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
                                  every_steps=config.ckpt.every_steps)
   resuming = ckpt.latest_step() is not None
-  runtime = {k: v for k, v in config.model.to_dict().items() if k in checkpoint.RUNTIME_FIELDS}
-  model = build_model({**resolved.model, **runtime}, t.seed)
-  if not resuming:
-    model.load_pretrained()
-  optimizer = nnx.Optimizer(model, make_optimizer(t), wrt=nnx.Param)
-  model_graphdef = nnx.split(model)[0]
-  graphdef, state = nnx.split((model, optimizer))
-  del model, optimizer
+  model_graphdef, graphdef, state = initial_state(config, resolved, pretrained=not resuming)
   shardings = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
-
+  start = resume(config, workdir, ckpt, state, train_iter) if resuming else 0
   config_dict = config.to_dict()
-  start = 0
-  if resuming:
-    saved, _ = ckpt.read_config()
-    checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
-    restored, _, start = ckpt.restore(None, checkpoint.abstract(nnx.to_pure_dict(state)),
-                                      data_iter=train_iter)
-    nnx.replace_by_pure_dict(state, restored)
 
   step_fn = make_train_step(graphdef, grad_accum=t.grad_accum, shardings=shardings,
                             mesh=mesh)
@@ -218,15 +250,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   metrics_file = open(workdir / "metrics.jsonl", "a") if lead else None
   pending, t_log = [], time.perf_counter()
 
-  def check_finite(step):
-    """Stops at the first non-finite metric since the last check, naming its step."""
-    for offset, h in enumerate(jax.device_get(pending)):
-      for key in ("loss", "grad_norm"):
-        if not math.isfinite(float(h[key])):
-          raise Diverged(f"training diverged at step {step - len(pending) + 1 + offset}: "
-                         f"{key} is {float(h[key])} (last good checkpoint: step "
-                         f"{ckpt.latest_step()}; lower train.lr or check the data)")
-
   last = t.steps if until is None else min(t.steps, until)
   bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not (progress and lead),
              dynamic_ncols=True, unit="step")
@@ -238,19 +261,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       bar.update(1)
       due = step == last or ckpt.is_due(step)
       if step % t.log_every == 0 or due:
-        check_finite(step)  # never log or save a diverged state
+        check_finite(pending, step, ckpt.latest_step())  # never log or save a diverged state
       if step % t.log_every == 0 or step == last:
-        host = jax.device_get(pending)
-        now = time.perf_counter()
-        n_bytes = float(sum(h["bytes"] for h in host))
-        row = {"step": step,
-               "loss": float(np.mean([h["loss"] for h in host])),
-               "accuracy": float(np.mean([h["accuracy"] for h in host])),
-               "grad_norm": float(np.mean([h["grad_norm"] for h in host])),
-               "bytes_per_s": n_bytes / (now - t_log)}
-        row["bpb"] = row["loss"] / math.log(2)
-        if "packed" in host[0]:
-          row["packed"] = float(np.mean([h["packed"] for h in host]))
+        row = metrics_row(pending, step, time.perf_counter() - t_log)
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           row.update({f"eval_{k}": v for k, v in
                       held_out(config.eval.train_max_bytes, "held-out").items()})
