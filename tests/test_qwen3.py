@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from safetensors.numpy import save_file
 
@@ -301,9 +302,7 @@ def test_flops_per_byte_counts_matmul_params():
 
 
 def test_entropy_qwen3_config_trains_one_step():
-  import optax
-  from configs import entropy_qwen3
-  config = entropy_qwen3.get_config("size=tiny")
+  config = tiny_config("entropy_qwen3")
   assert config.model.kind == "qwen3" and config.model.path == ""
   model = models.build(models.resolve(config.model.to_dict()))
   opt = qwen3.nnx.Optimizer(model, optax.adam(1e-2), wrt=qwen3.nnx.Param)

@@ -145,12 +145,13 @@ def test_interrupted_corpus_build_leaves_nothing_trusted(tmp_path, monkeypatch):
       raise KeyboardInterrupt  # as if killed between the two arrays
     return real_save(*args, **kwargs)
   monkeypatch.setattr(np, "save", failing_save)
+  cache = str(tmp_path / "cache")  # its own: other workers build corpora in the shared one
   with pytest.raises(KeyboardInterrupt):
-    data.prepare(str(tmp_path / "c"))
+    data.prepare(str(tmp_path / "c"), cache_dir=cache)
   monkeypatch.setattr(np, "save", real_save)
-  corpora = data.cache_root() / "corpora"
+  corpora = data.cache_root(cache) / "corpora"
   assert not any(".tmp-" in p.name for p in corpora.iterdir())
-  corpus = data.prepare(str(tmp_path / "c"))
+  corpus = data.prepare(str(tmp_path / "c"), cache_dir=cache)
   assert corpus.doc(0) == b"some text " * 50
 
 

@@ -13,8 +13,9 @@ import blt_jax
 from blt_jax import models
 from blt_jax.jobs import sweep
 from tests.conftest import launch, tiny_config
+from tests.test_qwen3 import with_tokenizer
 
-PATCH_SIZES = ("patch3", "patch7", "patch12")  # three of the five rows: the ends and one between
+PATCH_SIZES = ("patch3", "patch12")  # two of the five rows: the ends
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_patch_size_sweep_table(sweep_dir):
       assert math.isfinite(float(r[key])), (r["variant"], key, r[key])
     assert 0 < float(r["bpb"]) < 8 and float(r["params_without_hash"]) < float(r["params"])
   sizes = [float(r["mean_patch_size"]) for r in rows]  # held-out sizes follow the targets
-  assert sizes == sorted(sizes) and sizes[0] < 4 < 9 < sizes[-1]
+  assert sizes[0] < 4 < 9 < sizes[-1]
   flops = [float(r["train_flops_per_byte"]) for r in rows]
   assert flops == sorted(flops, reverse=True)  # bigger patches: fewer global steps
   table = (sweep_dir / "ps" / "results.md").read_text()
@@ -65,7 +66,6 @@ def test_finished_sweep_is_not_retrained(sweep_dir):
 
 def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):
   """A fine-tuned Qwen3 run patches BLT, next to the default byte patcher."""
-  from tests.test_qwen3 import with_tokenizer
   qwen_dir, _ = with_tokenizer("qwen3_tiny", tmp_path)
   qwen_run = tmp_path / "entropy_qwen3"
   result = launch("--config=configs/entropy_qwen3.py:size=tiny", f"--workdir={qwen_run}",
