@@ -7,13 +7,14 @@ Modes (--config.mode): train (default), eval, patch, sample.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from blt_jax import config_files, jobs
-from blt_jax.errors import UserError
+from blt_jax import config_files, jobs, signals
+from blt_jax.errors import Stopped, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:size=tiny]).",
@@ -23,6 +24,7 @@ flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>[
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
+  signal.signal(signal.SIGTERM, signals.raise_stopped)  # the train loop saves first
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
@@ -34,13 +36,15 @@ def main(argv):
     jobs.run(config, workdir)
   except UserError as e:
     fail(str(e))
+  except Stopped as e:
+    fail(str(e), e.status)
   except KeyboardInterrupt:
-    fail("interrupted; run the same command again to resume from the last checkpoint")
+    fail(str(Stopped(signal.SIGINT)), Stopped(signal.SIGINT).status)
 
 
-def fail(message: str):
+def fail(message: str, status: int = 2):
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _one_line(error: BaseException) -> str:

@@ -12,6 +12,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from blt_jax import files
 from blt_jax.errors import UserError
 
 # orbax logs every save at INFO; keep the console for the progress bar.
@@ -34,15 +35,39 @@ def _quiet_closed_loop_noise():
   sys.unraisablehook = hook
 
 
-class Checkpointer:
-  """Saves every `every_steps` (and on demand), keeps the last `keep` steps."""
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError (a full disk, an unwritable path) behind an error, if any."""
+  while error is not None:
+    if isinstance(error, OSError):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
-  def __init__(self, workdir: str | Path, *, keep: int = 3, every_steps: int = 0):
+
+class Checkpointer:
+  """Saves every `every_steps` (and on demand), keeps the last `keep` steps. The `writer`
+  of a run (the one holding its workdir) first removes the temporary folders a save that
+  failed or was killed left behind."""
+
+  def __init__(self, workdir: str | Path, *, keep: int = 3, every_steps: int = 0,
+               writer: bool = False):
     self.directory = Path(workdir).absolute() / "checkpoints"
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=writer)
+    self.manager = self._writing(lambda: ocp.CheckpointManager(self.directory,
+                                                               options=options))
+
+  def _writing(self, action):
+    """Runs `action`; a full disk or an unwritable path becomes one line naming it."""
+    try:
+      return action()
+    except Exception as e:
+      error = _os_error(e)
+      if error is None:
+        raise
+      raise files.cannot_write(error.filename or self.directory, error) from None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -60,7 +85,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    return self._writing(lambda: self.manager.save(step, args=ocp.args.Composite(**items),
+                                                   force=True))
 
   def restore_params(self, step: int | None, abstract_params) -> tuple[dict, int]:
     """(the model's parameters, step) at `step` (None: the latest readable), without the
@@ -168,11 +194,13 @@ class Checkpointer:
                     "--workdir)")
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self._writing(self.manager.wait_until_finished)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def read_config(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:

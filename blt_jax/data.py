@@ -16,14 +16,18 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 import grain
 import numpy as np
 
+from blt_jax import files
 from blt_jax.constants import BOS
 from blt_jax.errors import UserError
 
@@ -77,7 +81,7 @@ def _source_files(corpus: str) -> tuple[Path, list[Path]]:
                   "file, directory or glob)")
 
 
-def _file_documents(root: Path, path: Path) -> Iterator[tuple[str, bytes]]:
+def _file_documents(root: Path, path: Path, skipped: Counter) -> Iterator[tuple[str, bytes]]:
   rel = str(path.relative_to(root)) if path != root else path.name
   if path.suffix == ".jsonl":
     with open(path, "rb") as f:
@@ -98,9 +102,14 @@ def _file_documents(root: Path, path: Path) -> Iterator[tuple[str, bytes]]:
       if text:
         yield f"{rel}:{i}", text.encode("utf-8")
   else:
-    raw = path.read_bytes()
+    try:
+      raw = path.read_bytes()
+    except OSError:
+      skipped["unreadable"] += 1
+      return
     if b"\0" in raw[:8192]:
-      return  # binary file: not text
+      skipped["binary"] += 1  # not text (any other bytes are fine: bytes are bytes)
+      return
     yield rel, raw
 
 
@@ -121,63 +130,109 @@ def _fingerprint(corpus: str) -> str:
   h = hashlib.blake2b(digest_size=10)
   h.update(json.dumps([FORMAT_VERSION, corpus]).encode())
   if not corpus.startswith("hf:"):
-    root, files = _source_files(corpus)
-    for f in files:
+    root, paths = _source_files(corpus)
+    for f in paths:
       st = f.stat()
       h.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0"
                f"{st.st_mtime_ns}\n".encode())
   return h.hexdigest()
 
 
-def _documents(corpus: str) -> Iterator[tuple[str, bytes]]:
+def _documents(corpus: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
   if corpus.startswith("hf:"):
     yield from _hf_documents(corpus[3:])
     return
-  root, files = _source_files(corpus)
-  for f in files:
-    yield from _file_documents(root, f)
+  root, paths = _source_files(corpus)
+  for f in paths:
+    yield from _file_documents(root, f, skipped)
 
 
 # ---------------------------------------------------------------- preparation
 
 
+ARRAYS = ("data", "offsets")
+
+
 def _write_atomically(directory: Path, arrays: dict[str, np.ndarray], meta: dict):
-  """Writes into a temporary sibling, then renames it into place: never a half cache."""
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+  """Writes into a temporary sibling, sealed (sizes and checksums in meta.json), then
+  renames it into place: never a half cache."""
+  try:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+  except OSError as e:
+    raise files.cannot_write(directory.parent, e) from None
   try:
     for key, value in arrays.items():
       np.save(tmp / f"{key}.npy", value)
+    meta = {**meta, "sealed": {key: files.seal(tmp / f"{key}.npy") for key in arrays}}
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
       os.rename(tmp, directory)
     except OSError:  # another process won the race; theirs is as good as ours
       shutil.rmtree(tmp, ignore_errors=True)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise files.cannot_write(e.filename or directory, e) from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
+def _build(corpus: str, directory: Path, fp: str):
+  names, docs, skipped = [], [], Counter()
+  for name, raw in _documents(corpus, skipped):
+    if raw:
+      names.append(name)
+      docs.append(np.frombuffer(raw, np.uint8))
+    else:
+      skipped["empty"] += 1
+  counts = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+  if not docs:
+    raise UserError(f"corpus {corpus!r} has no readable text documents"
+                    + (f" ({counts} skipped)" if counts else ""))
+  offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+  _write_atomically(directory, {"data": np.concatenate(docs), "offsets": offsets},
+                    {"corpus": corpus, "names": names, "fingerprint": fp})
+  if counts:
+    print(f"corpus {corpus!r}: skipped {counts} document(s)")
+
+
+def _open(directory: Path, corpus: str, fp: str) -> Corpus:
+  """The prepared corpus in `directory`; ValueError when it is damaged or partial."""
+  meta = json.loads((directory / "meta.json").read_text())
+  sealed = meta.get("sealed")
+  if sealed is not None and not all(files.intact(directory / f"{k}.npy", sealed.get(k))
+                                    for k in ARRAYS):
+    raise ValueError("a file does not match its size or checksum")
+  data = np.load(directory / "data.npy", mmap_mode="r")
+  offsets = np.load(directory / "offsets.npy")
+  if offsets[-1] != len(data) or len(offsets) != len(meta["names"]) + 1:
+    raise ValueError("its offsets do not fit its data")
+  if sealed is None:  # written before caches were sealed: seal it now
+    meta["sealed"] = {k: files.seal(directory / f"{k}.npy") for k in ARRAYS}
+    files.write_text(directory / "meta.json", json.dumps(meta))
+  return Corpus(name=corpus, fingerprint=fp, data=data, offsets=offsets, names=meta["names"],
+                path=directory)
+
+
 def prepare(corpus: str, *, cache_dir: str = "") -> Corpus:
   """Reads a corpus once into uint8 + offsets under a fingerprint, and reuses it after.
-  Empty documents are left out."""
+  Empty, binary and unreadable documents are left out (and counted). A damaged cache is
+  moved aside and built again."""
   fp = _fingerprint(corpus)
   directory = cache_root(cache_dir) / "corpora" / fp
-  if not (directory / "meta.json").exists():
-    names, docs = [], []
-    for name, raw in _documents(corpus):
-      if raw:
-        names.append(name)
-        docs.append(np.frombuffer(raw, np.uint8))
-    if not docs:
-      raise UserError(f"corpus {corpus!r} has no text documents")
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-    _write_atomically(directory, {"data": np.concatenate(docs), "offsets": offsets},
-                      {"corpus": corpus, "names": names, "fingerprint": fp})
-  meta = json.loads((directory / "meta.json").read_text())
-  return Corpus(name=corpus, fingerprint=fp,
-                data=np.load(directory / "data.npy", mmap_mode="r"),
-                offsets=np.load(directory / "offsets.npy"), names=meta["names"], path=directory)
+  if (directory / "meta.json").exists():
+    try:
+      return _open(directory, corpus, fp)
+    except (OSError, ValueError, KeyError) as e:
+      aside = directory.with_name(f"{directory.name}.damaged-{time.time_ns()}")
+      directory.rename(aside)
+      print(f"warning: the prepared corpus {directory} is damaged ({e}); moved aside to "
+            f"{aside.name}, preparing it again", file=sys.stderr)
+  elif directory.exists():  # a folder without meta.json: not ours to trust
+    shutil.rmtree(directory, ignore_errors=True)
+  _build(corpus, directory, fp)
+  return _open(directory, corpus, fp)
 
 
 # ---------------------------------------------------------------- windows

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from blt_jax import data as data_lib
+from blt_jax import data as data_lib, files
 
 CACHE_VERSION = 3  # 3: keyed on the run's resolved model fields
 
@@ -71,28 +73,63 @@ def model_fingerprint(lm) -> str:
   return h.hexdigest()
 
 
+def _write(path: Path, h: np.ndarray):
+  """Saves `h` under `path` atomically, with its seal (size, checksum) beside it."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp.npy", dir=path.parent)
+  except OSError as e:
+    raise files.cannot_write(path.parent, e) from None
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, h.astype(np.float32))
+    files.write_json(path.with_suffix(".json"), files.seal(Path(tmp)))
+    os.replace(tmp, path)  # atomic: never a half cache under the final name
+  except OSError as e:
+    Path(tmp).unlink(missing_ok=True)
+    raise files.cannot_write(path, e) from None
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _open(path: Path, n_bytes: int) -> np.ndarray:
+  """The cached entropies at `path`; ValueError when damaged or partial."""
+  seal_file = path.with_suffix(".json")
+  sealed = json.loads(seal_file.read_text()) if seal_file.exists() else None
+  if sealed is not None and not files.intact(path, sealed):
+    raise ValueError("it does not match its size or checksum")
+  h = np.load(path, mmap_mode="r")
+  if h.shape != (n_bytes,):
+    raise ValueError(f"it holds {h.shape} entropies for {n_bytes} bytes")
+  if sealed is None:  # written before caches were sealed: seal it now
+    files.write_json(seal_file, files.seal(path))
+  return h
+
+
 def corpus_entropies(lm, corpus: data_lib.Corpus, cache_dir: str = "",
                      progress: bool = True) -> np.ndarray:
-  """The entropies of a whole prepared corpus, scored once and cached.
+  """The entropies of a whole prepared corpus, scored once and cached. A damaged cache is
+  moved aside and scored again.
 
   Stored as float32: float16 would round entropies into ties (2^-11 relative steps)
   large enough that no threshold hits a target mean patch size within 1%.
   """
   path = (data_lib.cache_root(cache_dir) / "entropies" /
           f"{corpus.fingerprint}-{model_fingerprint(lm)}.npy")
-  if not path.exists():
-    h = score(lm, corpus.data, corpus.offsets, progress=progress,
-              desc=f"entropies of {corpus.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp.npy", dir=path.parent)
+  if path.exists():
     try:
-      with os.fdopen(fd, "wb") as f:
-        np.save(f, h.astype(np.float32))
-      os.replace(tmp, path)  # atomic: never a half cache under the final name
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
-  return np.load(path, mmap_mode="r")
+      return _open(path, len(corpus.data))
+    except (OSError, ValueError) as e:
+      aside = path.with_name(f"{path.stem}.damaged-{time.time_ns()}.npy")
+      path.rename(aside)
+      path.with_suffix(".json").unlink(missing_ok=True)
+      print(f"warning: the entropy cache {path} is damaged ({e}); moved aside to "
+            f"{aside.name}, scoring again", file=sys.stderr)
+  h = score(lm, corpus.data, corpus.offsets, progress=progress,
+            desc=f"entropies of {corpus.name}")
+  _write(path, h)
+  return _open(path, len(corpus.data))
 
 
 def document_entropies(lm, raw: bytes) -> np.ndarray:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
-from blt_jax import checkpoint, models, patching
+from blt_jax import checkpoint, files, models, patching
 from blt_jax.errors import UserError
 
 RECORD_FILE = "resolved.json"
@@ -51,10 +50,7 @@ class Resolved:
   def save(self, workdir: str | Path):
     record = {"model": self.model,
               "patching": None if self.patching is None else dataclasses.asdict(self.patching)}
-    path = Path(workdir) / RECORD_FILE
-    tmp = path.with_name(f"{RECORD_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)  # processes of one run may write it at once: never half a file
+    files.write_json(Path(workdir) / RECORD_FILE, record)  # whole, whoever writes it
 
   @classmethod
   def load(cls, workdir: str | Path) -> Resolved | None:

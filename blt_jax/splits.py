@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from blt_jax import data
+from blt_jax import data, files
 from blt_jax.errors import UserError
 
 SPLIT_FILE = "split.json"
@@ -49,10 +48,7 @@ class Split:
 
   def save(self, workdir: str | Path):
     record = {**dataclasses.asdict(self), "held_out": list(self.held_out)}
-    path = Path(workdir) / SPLIT_FILE
-    tmp = path.with_name(f"{SPLIT_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)  # processes of one run may write it at once: never half a file
+    files.write_json(Path(workdir) / SPLIT_FILE, record)  # whole, whoever writes it
 
   @classmethod
   def load(cls, workdir: str | Path) -> Split | None:

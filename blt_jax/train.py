@@ -16,8 +16,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from blt_jax import checkpoint, data, loss, models, sharding, splits as splits_lib
-from blt_jax.errors import UserError
+from blt_jax import checkpoint, data, files, loss, models, sharding, signals, splits as splits_lib
+from blt_jax.errors import Stopped, UserError
 from blt_jax.evaluate import Evaluator
 from blt_jax.resolved import PatchRule, Resolved
 
@@ -229,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                                        batch_size=t.batch_size // n_shards, seed=t.seed,
                                        transform=transform, shard=shard, n_shards=n_shards))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep,
-                                 every_steps=config.ckpt.every_steps)
+                                 every_steps=config.ckpt.every_steps, writer=True)
   resuming = ckpt.latest_step() is not None
   model_graphdef, graphdef, state = initial_state(config, resolved, pretrained=not resuming)
   shardings = sharding.state_shardings(state, mesh)
@@ -247,42 +247,47 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                      progress=progress and lead)
 
   lead = jax.process_index() == 0  # one process writes metrics and shows progress
-  metrics_file = open(workdir / "metrics.jsonl", "a") if lead else None
+  metrics = files.AppendLog(workdir / "metrics.jsonl") if lead else None
   pending, t_log = [], time.perf_counter()
 
   last = t.steps if until is None else min(t.steps, until)
   bar = tqdm(total=t.steps, initial=start, desc=workdir.name, disable=not (progress and lead),
              dynamic_ncols=True, unit="step")
+  stop = signals.StopRequests()
   try:
-    for step in range(start + 1, last + 1):
-      batch = next(train_iter)
-      state, m = step_fn(state, sharding.global_batch(model_inputs(batch), mesh))
-      pending.append(m)
-      bar.update(1)
-      due = step == last or ckpt.is_due(step)
-      if step % t.log_every == 0 or due:
-        check_finite(pending, step, ckpt.latest_step())  # never log or save a diverged state
-      if step % t.log_every == 0 or step == last:
-        row = metrics_row(pending, step, time.perf_counter() - t_log)
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
-          row.update({f"eval_{k}": v for k, v in
-                      held_out(config.eval.train_max_bytes, "held-out").items()})
-        if lead:
-          metrics_file.write(json.dumps(row) + "\n")
-          metrics_file.flush()
-        bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}",
-                        bytes_s=f"{row['bytes_per_s']:.0f}")
-        pending, t_log = [], time.perf_counter()
-      if due:
-        ckpt.save(step, nnx.to_pure_dict(state), config=config_dict, data_iter=train_iter)
+    with stop:
+      for step in range(start + 1, last + 1):
+        batch = next(train_iter)
+        state, m = step_fn(state, sharding.global_batch(model_inputs(batch), mesh))
+        pending.append(m)
+        bar.update(1)
+        stopping = stop.agreed()
+        due = step == last or ckpt.is_due(step) or stopping
+        if step % t.log_every == 0 or due:
+          check_finite(pending, step, ckpt.latest_step())  # never log or save a diverged state
+        if step % t.log_every == 0 or step == last or stopping:
+          row = metrics_row(pending, step, time.perf_counter() - t_log)
+          if config.eval.every_steps and step % config.eval.every_steps == 0:
+            row.update({f"eval_{k}": v for k, v in
+                        held_out(config.eval.train_max_bytes, "held-out").items()})
+          if lead:
+            metrics.write(json.dumps(row) + "\n")
+          bar.set_postfix(loss=f"{row['loss']:.3f}", bpb=f"{row['bpb']:.3f}",
+                          bytes_s=f"{row['bytes_per_s']:.0f}")
+          pending, t_log = [], time.perf_counter()
+        if due:
+          ckpt.save(step, nnx.to_pure_dict(state), config=config_dict, data_iter=train_iter)
+        if stopping:
+          ckpt.wait()
+          raise Stopped(stop.received, step)
   finally:
     bar.close()
     if lead:
-      metrics_file.close()
+      metrics.close()
     ckpt.close()
   result = held_out(config.eval.max_bytes, "final eval")
   result["step"] = last
   if lead:
-    (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    files.write_json(workdir / "eval.json", result)
   return result
 

@@ -126,12 +126,17 @@ def test_sample_mode_generates_bytes(blt_run):
 
 
 def test_static_and_space_runs_need_no_entropy_model(tmp_path):
+  """Launched from another directory by absolute paths: the configs import as the
+  installed package, and the default workdir is under the working directory."""
   for name in ("static4", "space"):
-    result = launch(f"--config=configs/{name}.py:size=tiny", f"--workdir={tmp_path / name}",
+    result = launch(f"--config={ROOT / 'configs' / name}.py:size=tiny",
                     "--config.train.steps=6", "--config.eval.max_bytes=2048",
-                    f"--config.patching.entropy_workdir={tmp_path / 'none'}")
+                    f"--config.patching.entropy_workdir={tmp_path / 'none'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "none").exists()
-    lm = blt_jax.load(tmp_path / name)
+    workdir = tmp_path / "runs" / f"{name}_tiny"
+    assert (workdir / "resolved.json").exists() and not (ROOT / "runs" / f"{name}_tiny"
+                                                         / "resolved.json").exists()
+    lm = blt_jax.load(workdir)
     full = lm.next_byte_logprobs(TEXT)
     np.testing.assert_allclose(lm.next_byte_logprobs(TEXT[:70]), full[:70], atol=2e-5)

@@ -1,20 +1,25 @@
-"""Losing nothing: kill -9 and resume, damaged checkpoints, divergence, atomic caches."""
+"""Losing nothing: kill -9, SIGTERM and Ctrl-C then resume, a workdir in use, damaged
+checkpoints and caches, a full disk, divergence, bad input in one line."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import blt_jax
-from blt_jax import checkpoint, data
+from blt_jax import checkpoint, data, entropy, files, jobs, workdir_lock
 from blt_jax.errors import UserError
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, launch, tiny_config
 
 TINY = ["--config=configs/entropy_model.py:size=tiny", "--config.train.steps=30",
         "--config.ckpt.every_steps=5", "--config.eval.max_bytes=512"]
@@ -101,8 +106,9 @@ BAD_INPUTS = [  # (extra arguments, what the one-line error says); README's tabl
     (["--config.train.stepz=3"], "unknown config field 'stepz'"),
     (["--config.train.steps=ten"], "invalid literal for int()"),
     (["--config.data.corpus=/no/such/corpus"], "not found"),
-    (["--config.data.corpus={tmp}/empty"], "no text documents"),
-    (["--config.data.corpus={tmp}/binary"], "no text documents"),
+    (["--config.data.corpus={tmp}/empty"], "no readable text documents"),
+    (["--config.data.corpus={tmp}/binary"], "no readable text documents (1 binary skipped)"),
+    (["--config.data.cache_dir={tmp}/file/cache"], "cannot write {tmp}/file/cache"),
     (["--config.data.corpus={tmp}/short.txt"], "fewer than one window"),
     (["--config.data.eval_fraction=0.0"], "no held-out documents"),
     (["--workdir={tmp}/file"], "not a directory"),
@@ -130,6 +136,7 @@ def test_bad_inputs_end_in_one_line_and_status_2(extra, needle, tmp_path):
   result = launch(*TINY, *args)
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
+  needle = needle.replace("{tmp}", str(tmp_path))
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
 
 
@@ -198,3 +205,176 @@ def test_a_run_resumes_and_evaluates_only_on_its_own_split(unbroken, tmp_path):
     assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
+
+
+# ----------------------------------------------------------------------------- faults
+
+def start(*args, workdir):
+  """launch.py in the background, as a user's run (stdout/stderr captured)."""
+  return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args,
+                           f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(workdir, n, proc, timeout=120):
+  """Waits until metrics.jsonl has `n` rows (the run is training)."""
+  t0 = time.time()
+  while time.time() - t0 < timeout and proc.poll() is None:
+    path = workdir / "metrics.jsonl"
+    if path.exists() and len(path.read_text().splitlines()) >= n:
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"no {n} metrics rows: {proc.poll()} {proc.stderr.read()[-2000:]}")
+
+
+def test_sigterm_and_ctrl_c_save_then_resume_bit_identical(unbroken, tmp_path):
+  """SIGTERM (status 143), then Ctrl-C (130): each run finishes its step, saves it, says so
+  in one line; rerunning ends with the parameters of a run never stopped."""
+  workdir = tmp_path / "stopped"
+  every_step = [*TINY, "--config.train.log_every=1", "--config.ckpt.every_steps=1000"]
+  stops = []
+  for signum, status, name in ((signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")):
+    rows = len((workdir / "metrics.jsonl").read_text().splitlines()) if stops else 0
+    proc = start(*every_step, workdir=workdir)
+    wait_for_rows(workdir, rows + 2, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: stopped by {name} at step ") and "after saving" in line
+    step = int(line.split("at step ")[1].split(",")[0])
+    assert step < 30 and (workdir / "checkpoints" / str(step)).is_dir()
+    stops.append(step)
+  assert stops[0] < stops[1]  # the second run resumed from the first one's checkpoint
+  result = launch(*TINY, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  for a, b in zip(params(unbroken), params(workdir)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_and_leaves_the_first_alone(tmp_path):
+  workdir = tmp_path / "busy"
+  first = start(*TINY, "--config.train.steps=3000", "--config.train.log_every=1",
+                workdir=workdir)
+  wait_for_rows(workdir, 1, first)
+  second = launch(*TINY, f"--workdir={workdir}")
+  assert second.returncode == 2 and "Traceback" not in second.stderr
+  line = second.stderr.strip()
+  assert len(line.splitlines()) == 1
+  assert f"is in use by another run (pid {first.pid} on " in line, line
+  rows = len((workdir / "metrics.jsonl").read_text().splitlines())
+  wait_for_rows(workdir, rows + 3, first)  # the first run kept training
+  first.send_signal(signal.SIGTERM)
+  first.communicate(timeout=120)
+  assert first.returncode == 143 and not (workdir / "run.lock").exists()
+
+
+def test_a_lock_left_by_a_gone_run_is_taken_over(tmp_path, capsys):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  for holder, age in (({"host": socket.gethostname(), "pid": dead.pid}, 0.0),  # kill -9
+                      ({"host": "another-host", "pid": 1}, workdir_lock.STALE_S + 5)):
+    lock_file = tmp_path / workdir_lock.LOCK_FILE
+    lock_file.write_text(json.dumps({**holder, "since": "then"}))
+    os.utime(lock_file, (time.time() - age,) * 2)
+    with workdir_lock.WorkdirLock(tmp_path):
+      assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert not lock_file.exists()
+    assert "taking it over" in capsys.readouterr().err
+  lock_file.write_text(json.dumps({"host": "another-host", "pid": 1, "since": "now"}))
+  with pytest.raises(UserError, match="in use by another run .pid 1 on another-host"):
+    workdir_lock.WorkdirLock(tmp_path).acquire()  # a fresh heartbeat: alive elsewhere
+  assert json.loads(lock_file.read_text())["host"] == "another-host"  # left alone
+
+
+def test_damaged_caches_are_moved_aside_and_rebuilt(tiny_run, small_corpus, tmp_path, capsys):
+  cache = str(tmp_path / "cache")
+  corpus = data.prepare(str(small_corpus), cache_dir=cache)
+  original = np.array(corpus.data)
+  lm = blt_jax.load(tiny_run)
+  h = np.array(entropy.corpus_entropies(lm, corpus, cache, progress=False))
+  data_file = corpus.path / "data.npy"
+  h_file = next((tmp_path / "cache" / "entropies").glob("*.npy"))
+  for damage in ("truncate", "flip"):
+    for path in (data_file, h_file):
+      raw = bytearray(path.read_bytes())
+      if damage == "truncate":
+        raw = raw[:len(raw) // 2]
+      else:  # same size, one byte changed: only the checksum sees it
+        raw[-7] ^= 0x55
+      path.write_bytes(bytes(raw))
+    corpus = data.prepare(str(small_corpus), cache_dir=cache)
+    np.testing.assert_array_equal(corpus.data, original)
+    np.testing.assert_array_equal(entropy.corpus_entropies(lm, corpus, cache, progress=False), h)
+    err = capsys.readouterr().err
+    assert "the prepared corpus" in err and "the entropy cache" in err and "moved aside" in err
+  assert len(list((tmp_path / "cache" / "corpora").glob("*.damaged-*"))) == 2
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  """Fault injection: the second checkpoint save, then a metrics write, then a cache write
+  find the disk full."""
+  workdir = tmp_path / "run"
+  config = tiny_config("entropy_model", **{"train.steps": 10, "ckpt.every_steps": 5,
+                                           "eval.max_bytes": 512})
+  full = OSError(errno.ENOSPC, "No space left on device")
+  real_save, saves = checkpoint.ocp.CheckpointManager.save, []
+
+  def save(self, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+      raise full
+    return real_save(self, *args, **kwargs)
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", save)
+  with pytest.raises(UserError, match="cannot write .*checkpoints: No space left on device"):
+    jobs.run(config, workdir)
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", real_save)
+  assert checkpoint.latest_step(workdir) == 5 and blt_jax.load(workdir).step == 5
+  leftover = workdir / "checkpoints" / "10.orbax-checkpoint-tmp-1764000000"
+  leftover.mkdir()  # what a save cut short leaves behind
+
+  class FullFile:  # metrics.jsonl, opened to append to
+    def write(self, text):
+      raise full
+
+    def close(self):
+      pass
+  real_open = open
+  monkeypatch.setattr(files, "open", lambda path, mode="r", *args, **kwargs: (
+      FullFile() if mode == "a" else real_open(path, mode, *args, **kwargs)), raising=False)
+  with pytest.raises(UserError, match="cannot write .*metrics.jsonl: No space left on device"):
+    jobs.run(config, workdir)
+  monkeypatch.delattr(files, "open")
+  assert not leftover.exists()  # cleaned when the run started
+  jobs.run(config, workdir)
+  assert checkpoint.latest_step(workdir) == 10
+
+  monkeypatch.setattr(np, "save", lambda *args, **kwargs: (_ for _ in ()).throw(full))
+  (tmp_path / "c").mkdir()
+  (tmp_path / "c" / "a.txt").write_text("some text " * 50)
+  with pytest.raises(UserError, match="cannot write .*: No space left on device"):
+    data.prepare(str(tmp_path / "c"), cache_dir=str(tmp_path / "cache"))
+  assert not any((tmp_path / "cache" / "corpora").iterdir())  # nothing half-written
+
+
+def test_corpora_skip_what_is_not_text_and_say_so(tmp_path, monkeypatch, capsys):
+  root = tmp_path / "c"
+  root.mkdir()
+  (root / "a.txt").write_bytes(b"caf\xc3\xa9 \xff\xfe not UTF-8, still bytes\n" * 20)
+  (root / "empty.txt").write_bytes(b"")
+  (root / "blob.bin").write_bytes(bytes(range(256)))
+  (root / "locked.txt").write_text("unreadable")
+  real_read = Path.read_bytes
+  monkeypatch.setattr(Path, "read_bytes", lambda self: (
+      (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(self)))
+      if self.name == "locked.txt" else real_read(self)))
+  corpus = data.prepare(str(root), cache_dir=str(tmp_path / "cache"))
+  assert corpus.names == ["a.txt"] and corpus.doc(0) == (root / "a.txt").read_bytes()
+  assert "skipped 1 binary, 1 empty, 1 unreadable document(s)" in capsys.readouterr().out
+  (root / "a.txt").unlink()
+  with pytest.raises(UserError, match="has no readable text documents "
+                                      r"\(1 binary, 1 empty, 1 unreadable skipped\)"):
+    data.prepare(str(root), cache_dir=str(tmp_path / "cache"))
+  (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+  with pytest.raises(UserError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
+    data.prepare(str(root / "bad.jsonl"), cache_dir=str(tmp_path / "cache"))

@@ -2,17 +2,21 @@
 here: a run never writes it (what it resolves goes to `<workdir>/resolved.json`)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from blt_jax import sharding
 from blt_jax.errors import UserError
 from blt_jax.jobs import evaluate, patch, sample, sweep, train
+from blt_jax.workdir_lock import WorkdirLock
 
 MODES = {"train": train.run, "eval": evaluate.run, "patch": patch.run, "sample": sample.run,
          "sweep": sweep.run}
 WRITES_WORKDIR = ("train", "patch", "sweep")
+HOLDS_WORKDIR = ("train", "eval", "sweep")  # one such run per workdir at a time
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path):
@@ -31,4 +35,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path):
       (workdir / ".write-test").unlink()
     except OSError as e:
       raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}")
-  MODES[config.mode](config, workdir)
+  holds = (config.mode in HOLDS_WORKDIR and workdir.is_dir()
+           and jax.process_index() == 0)  # multi-host: process 0 holds it for the run
+  with WorkdirLock(workdir) if holds else contextlib.nullcontext():
+    MODES[config.mode](config, workdir)

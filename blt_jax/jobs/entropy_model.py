@@ -10,6 +10,7 @@ import ml_collections
 from blt_jax import api, checkpoint, config_files, train
 from blt_jax.errors import UserError
 from blt_jax.splits import SPLIT_FILE, Split, Splits
+from blt_jax.workdir_lock import WorkdirLock
 
 
 def default_workdir(spec: str, size: str, split: Split) -> str:
@@ -67,6 +68,7 @@ def entropy_model(config: ml_collections.ConfigDict, split: Split,
   done = checkpoint.latest_step(workdir)
   if done is None or done < ecfg.train.steps:
     print(f"training the entropy model in {workdir} ({spec_of(config)})")
-    train.train(ecfg, workdir, splits=Splits(ecfg), progress=progress)
+    with WorkdirLock(workdir):
+      train.train(ecfg, workdir, splits=Splits(ecfg), progress=progress)
   check_split(workdir, split)
   return api.load(workdir)

@@ -2,13 +2,12 @@
 `eval.corpus`), writing `<workdir>/eval.json`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_collections
 from flax import nnx
 
-from blt_jax import api, checkpoint, entropy, train
+from blt_jax import api, checkpoint, entropy, files, train
 from blt_jax.errors import UserError
 from blt_jax.evaluate import Evaluator
 from blt_jax.patcher import BatchPatcher
@@ -39,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
   graphdef, state = nnx.split(lm.model)
   result = Evaluator(graphdef)(state, (train.to_device(b) for b in batches), total=total)
   result.update(step=lm.step, corpus=config.eval.corpus or f"{config.data.corpus} (held-out)")
-  (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+  files.write_json(workdir / "eval.json", result)
   print(f"{workdir} step {lm.step}: bpb {result['bpb']:.4f}  loss {result['loss']:.4f}  "
         f"accuracy {result['accuracy']:.3f}  perplexity {result['perplexity']:.3f}  "
         f"on {result['bytes']} bytes of {result['corpus']}")

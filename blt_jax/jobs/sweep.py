@@ -20,11 +20,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from blt_jax import api, checkpoint, config_files, entropy, models, patching, plots, train
+from blt_jax import api, checkpoint, config_files, entropy, files, models, patching, plots, train
 from blt_jax.errors import UserError
 from blt_jax.jobs import entropy_model, train as train_job
 from blt_jax.resolved import Resolved
 from blt_jax.splits import Splits
+from blt_jax.workdir_lock import WorkdirLock
 
 # (results key, table header, format) in table order; mean (± std over seeds) per variant.
 COLUMNS = (
@@ -125,12 +126,13 @@ def run_one(config, run: dict, workdir: Path) -> dict:
     print(f"{run['name']} seed {run['seed']}: finished, reusing {workdir}")
   else:
     print(f"\n=== {run['name']} seed {run['seed']} ({run['config']}) -> {workdir}")
-    train_job.run(config, workdir)
+    with WorkdirLock(workdir):
+      train_job.run(config, workdir)
     summary = json.loads(summary_file.read_text())
   if "xla_train_flops_per_byte" not in summary:
     summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(
         config, Resolved.of_run(workdir).model)
-    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    files.write_json(summary_file, summary)
   return {"variant": run["name"], "seed": run["seed"], "series": run["series"],
           "config": run["config"], "patching": config.patching.mode,
           "target_patch_size": config.patching.target_patch_size,
@@ -166,8 +168,7 @@ def check_entropy_models(sweep, runs: list[dict]):
   anything trains."""
   for run in runs:
     workdir = run["overrides"].get("patching.entropy_workdir")
-    if workdir and Path(workdir).is_dir() and checkpoint.Checkpointer(
-        workdir).latest_step() is not None:
+    if workdir and checkpoint.latest_step(workdir) is not None:
       config = variant_config(sweep, run)
       entropy_model.check_split(workdir, Splits(config).split)
 
@@ -237,7 +238,7 @@ def write_results(workdir: Path, config, rows, table, failed):
     text += [markdown_table(table), ""]
   for run, message in failed:
     text.append(f"- **{run['name']} seed {run['seed']} failed**: {message}")
-  (workdir / "results.md").write_text("\n".join(text).rstrip() + "\n")
+  files.write_text(workdir / "results.md", "\n".join(text).rstrip() + "\n")
 
 
 # ------------------------------------------------------------------------- plots

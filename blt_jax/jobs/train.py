@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from blt_jax import calibration, checkpoint, entropy, models, patching, sharding, train
+from blt_jax import calibration, checkpoint, entropy, files, models, patching, sharding, train
 from blt_jax.errors import UserError
 from blt_jax.jobs import entropy_model
 from blt_jax.patcher import BatchPatcher, patch_stats
@@ -127,5 +127,5 @@ def run(config: ml_collections.ConfigDict, workdir: Path, progress: bool = True)
     summary["entropy_workdir"] = rule.entropy_workdir
   model = nnx.eval_shape(lambda: models.build(Resolved.of_run(workdir).model))
   summary.update(model_summary(model, config.data.seq_len, summary.get("mean_patch_size")))
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+  files.write_json(workdir / "summary.json", summary)
   print(format_summary(workdir, summary))
