@@ -96,7 +96,7 @@ def _write(path: Path, h: np.ndarray):
 def _open(path: Path, n_bytes: int) -> np.ndarray:
   """The cached entropies at `path`; ValueError when damaged or partial."""
   seal_file = path.with_suffix(".json")
-  sealed = json.loads(seal_file.read_text()) if seal_file.exists() else None
+  sealed = files.read_json(seal_file)
   if sealed is not None and not files.intact(path, sealed):
     raise ValueError("it does not match its size or checksum")
   h = np.load(path, mmap_mode="r")

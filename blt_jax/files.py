@@ -31,6 +31,12 @@ def write_json(path: str | Path, record):
   write_text(path, json.dumps(record, indent=1) + "\n")
 
 
+def read_json(path: str | Path):
+  """The record in a JSON file, or None when there is no such file."""
+  path = Path(path)
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
 def checksum(path: str | Path) -> str:
   """blake2b of a file's bytes, read in 8 MiB blocks."""
   h = hashlib.blake2b(digest_size=16)

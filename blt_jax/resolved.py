@@ -9,7 +9,6 @@ run read it back; nothing recomputes it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from blt_jax import checkpoint, files, models, patching
@@ -55,10 +54,9 @@ class Resolved:
   @classmethod
   def load(cls, workdir: str | Path) -> Resolved | None:
     """The record of a run, or None when it has none."""
-    path = Path(workdir) / RECORD_FILE
-    if not path.is_file():
+    record = files.read_json(Path(workdir) / RECORD_FILE)
+    if record is None:
       return None
-    record = json.loads(path.read_text())
     rule = record["patching"]
     return cls(record["model"], None if rule is None else PatchRule(**rule))
 

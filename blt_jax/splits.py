@@ -53,10 +53,9 @@ class Split:
   @classmethod
   def load(cls, workdir: str | Path) -> Split | None:
     """The split a run recorded, or None when it has none."""
-    path = Path(workdir) / SPLIT_FILE
-    if not path.is_file():
+    record = files.read_json(Path(workdir) / SPLIT_FILE)
+    if record is None:
       return None
-    record = json.loads(path.read_text())
     return cls(record["corpus"], record["fingerprint"], float(record["eval_fraction"]),
                tuple(record["held_out"]))
 
