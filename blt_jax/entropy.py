@@ -135,4 +135,6 @@ def corpus_entropies(lm, corpus: data_lib.Corpus, cache_dir: str = "",
 def document_entropies(lm, raw: bytes) -> np.ndarray:
   """Entropies (float32) of one byte string treated as a document, as the cache scores it."""
   x = np.frombuffer(bytes(raw), np.uint8)
-  return score(lm, x, np.array([0, len(x)]), batch_size=8, progress=False)
+  offsets = np.array([0, len(x)])
+  batch_size = 1 if len(chunk_table(offsets, lm.seq_len)) <= 1 else 8  # one window: no padding
+  return score(lm, x, offsets, batch_size=batch_size, progress=False)

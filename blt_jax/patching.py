@@ -210,6 +210,28 @@ def patch_ids(starts, max_patches: int | None = None):
   return _ids(jnp.asarray(starts, bool), max_patches)
 
 
+def next_start(pos_B, *, mode: str, threshold=0.0, patch_size: int = 1,
+               max_patch_len: int | None = None, h_B=None, prev_h_B=None, prev_byte_B=None,
+               prev2_byte_B=None, since_B=None):
+  """One position at a time (decoding): whether the byte at position pos_B of each row's
+  window starts a patch, as `patch_starts` decides it over the whole window, from what
+  precedes it only: its entropy h_B and the previous one prev_h_B (threshold modes), the
+  two bytes before it (`space`), and since_B, the bytes since the last start (the
+  `max_patch_len` cut). Returns (starts bool [B], since_B for the next position)."""
+  if mode in THRESHOLD_MODES:
+    starts_B = (h_B if mode == "global" else h_B - prev_h_B) > threshold
+  elif mode == "static":
+    starts_B = pos_B % patch_size == 0
+  elif mode == "space":
+    starts_B = (pos_B >= 1) & space_like(prev_byte_B) & ~((pos_B >= 2) & space_like(prev2_byte_B))
+  else:
+    raise ValueError(f"unknown patching mode {mode!r} (known: {', '.join(MODES)})")
+  starts_B |= pos_B == 0
+  if max_patch_len:
+    starts_B |= since_B + 1 == max_patch_len
+  return starts_B, jnp.where(starts_B, 0, since_B + 1)
+
+
 def max_patches(seq_len: int, expected_patch_size: float, slack: float = 1.5) -> int:
   """Patch slots per window: the expected count with slack; surplus patches fold."""
   return min(seq_len, int(math.ceil(slack * seq_len / expected_patch_size)))

@@ -136,10 +136,14 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "       # mode=sample: the text to continue
-  c.sample.max_bytes = 200       # bytes to generate
+  c.sample.prompts_file = ""     # or a file of prompts, one per line
+  c.sample.batch_size = 8        # prompts generated together
+  c.sample.max_bytes = 200       # bytes to generate per prompt
   c.sample.temperature = 0.8     # 0 = greedy
   c.sample.top_k = 0             # sample from the k likeliest bytes; 0 = all
-  c.sample.seed = 0
+  c.sample.top_p = 1.0           # ... and from the smallest set holding this much mass
+  c.sample.stop = ""             # end a prompt's output once it ends with this text
+  c.sample.seed = 0              # prompt i draws with seed + i
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = s["ckpt_every"]

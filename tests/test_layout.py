@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "blt_jax"
 CORE = 0
 # Every module above the core, by layer; the rest of blt_jax is core.
-LAYERS = {"blt_jax.train": 1, "blt_jax.api": 1, "blt_jax.sample": 2,
+LAYERS = {"blt_jax.train": 1, "blt_jax.api": 1,
           "blt_jax.config_files": 2, "blt_jax.jobs": 3}
 TOP = 4  # blt_jax/__init__.py: the public API it exports
 

@@ -15,6 +15,7 @@ input patches 0 .. P-1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from flax import nnx
 
 from blt_jax.constants import BYTES, INPUT_VOCAB
 from blt_jax.models import flops, layers, slot_packing
-from blt_jax.models.hash_embed import HashEmbed
+from blt_jax.models.hash_embed import PAD_ID, HashEmbed
 from blt_jax.models.interface import ByteModel
 
 
@@ -161,6 +162,26 @@ class CrossAttention(nnx.Module):
                                  rngs=rngs)
     self.k, self.slots_query = k, slots_query
 
+  def keys_values(self, kv_BxMxE) -> tuple:
+    """The projected keys and values of the other sequence, each [B, H, M, K], for
+    `attend` (a decoder computes them once per position or slot, then reuses them)."""
+    B, M, _ = kv_BxMxE.shape
+    H = self.attn.n_heads
+    heads_first = lambda a: a.reshape(B, M, H, -1).transpose(0, 2, 1, 3)
+    k_BxMxD, v_BxMxD = jnp.split(self.attn.kv(kv_BxMxE), 2, axis=-1)
+    return heads_first(k_BxMxD), heads_first(v_BxMxD)
+
+  def attend(self, x_BxLxD, kv: tuple, mask_BxLxM=None):
+    """x + attn(norm(x), ...) over projected keys and values (`keys_values`), each query
+    over the keys its mask allows (all by default): decoding's one patch at a time."""
+    B, L, D = x_BxLxD.shape
+    H = self.attn.n_heads
+    q_BxLxD = self.attn.q(self.norm(x_BxLxD)) * jnp.asarray((D // H) ** -0.5, x_BxLxD.dtype)
+    q_BxHxLxK = q_BxLxD.reshape(B, L, H, D // H).transpose(0, 2, 1, 3)
+    out_BxHxLxK = layers.masked_attention(q_BxHxLxK, kv[0], kv[1],
+                                          True if mask_BxLxM is None else mask_BxLxM[:, None])
+    return x_BxLxD + self.attn.output(out_BxHxLxK.transpose(0, 2, 1, 3))
+
   def __call__(self, x_BxLxD, kv_BxMxE, patch_ids_BxT):
     q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = self.attn.project(self.norm(x_BxLxD), kv_BxMxE)
     if self.slots_query:  # L = P * k slots, M = T bytes
@@ -207,12 +228,16 @@ class BLT(ByteModel):
                                       **tf)
     self.head = layers.dense(D, BYTES, rngs=rngs, dtype=dtype)
 
-  def embed_inputs(self, inputs_BxT):
-    """[B, T, E]: byte embedding plus hash n-gram embeddings, sum scaled by 1/sqrt(#tables)."""
+  def embed_inputs(self, inputs_BxT, context_BxN=None):
+    """[B, T, E]: byte embedding plus hash n-gram embeddings, sum scaled by 1/sqrt(#tables).
+    With `context` (the ids that end at each row's last input, PAD_ID before the window),
+    inputs is one id per row [B, 1] and its n-grams are hashed from that context."""
     x_BxTxE = self.embed(inputs_BxT)
     if self.hash_embed is not None:
       n_tables = 1 + len(self.cfg.hash_ngrams)
-      x_BxTxE = (x_BxTxE + self.hash_embed(inputs_BxT)) * (n_tables ** -0.5)
+      hashed_BxTxE = (self.hash_embed(inputs_BxT) if context_BxN is None
+                      else self.hash_embed(context_BxN)[:, -1:])
+      x_BxTxE = (x_BxTxE + hashed_BxTxE) * (n_tables ** -0.5)
     return x_BxTxE
 
   def __call__(self, inputs_BxT, patch_lengths_BxP, packed: bool = False, shards: int = 1):
@@ -221,6 +246,110 @@ class BLT(ByteModel):
 
   def logits(self, batch: dict, *, packed: bool = False, shards: int = 1):
     return self(batch["inputs"], batch["patch_lengths"], packed, shards)
+
+  # --------------------------------------------------------------------------- decoding
+  # One input position per row and step, as `forward_embedded` computes it over a window:
+  # the encoder and decoder keep key/value caches of the window's positions, the global
+  # transformer of its patches. When the target of position i starts patch j (decided by
+  # the patching rule from bytes before it), input patch j (BOS, or the bytes of patch
+  # j - 1, the last of them at position i) is complete: its pooled states (kept running)
+  # become k slots that cross-attend to its positions (their keys and values kept per
+  # position), the global transformer takes one step, and the decoder's slots become
+  # those of patch j until the next.
+
+  def init_cache(self, batch_size: int, length: int) -> dict:
+    cfg, B, T = self.cfg, batch_size, length
+    dtype = jnp.dtype(cfg.dtype)
+    zeros = lambda *shape, dtype=dtype: jnp.zeros(shape, dtype)
+    return {"enc": self.encoder.init_cache(B, T, dtype),
+            "dec": self.decoder.init_cache(B, T, dtype),
+            "glob": self.global_tf.init_cache(B, cfg.max_patches, dtype),
+            "ids": zeros(B, T, dtype=jnp.int32),          # input ids of the window
+            "kv": self.enc_cross.attn.init_cache(B, T, dtype),  # slot cross-attention
+            "pool": zeros(B, cfg.enc_dim, dtype=jnp.float32),  # running max / sum ...
+            "count": zeros(B, dtype=jnp.int32),           # ... over the input patch so far
+            "from": zeros(B, dtype=jnp.int32),            # its first position
+            "g": zeros(B, dtype=jnp.int32),               # patch of the last target
+            "slots": self.dec_cross.attn.init_cache(B, cfg.cross_attn_k, dtype)}  # of patch g
+
+  def decode_step(self, cache, ids_B, pos_B, starts_B=None):
+    P = self.cfg.max_patches
+    first_B = pos_B == 0
+    # This position belongs to input patch g + 1 (BOS to 0); its target starts patch
+    # g + 1 when the rule says so and a slot is left (else it folds into slot P - 1).
+    g_B = cache["g"]
+    h_Bx1xE, enc = self.encode_position(cache, ids_B, pos_B)
+    new_g_B = jnp.where(first_B, 0, jnp.where(starts_B & (g_B < P - 1), g_B + 1, g_B))
+    new_patch_B = first_B | (new_g_B != g_B)
+    # The global step runs only when some row starts a patch; inside the `cond` the global
+    # caches are only read (returning them whole would copy them) and written after it.
+    no_patch = lambda *_: (cache["slots"], [
+        tuple(jnp.zeros(c.shape[:2] + c.shape[3:], c.dtype) for c in kv) for kv in cache["glob"]])
+    slots, entries = jax.lax.cond(jnp.any(new_patch_B),
+                                  functools.partial(self.next_patch, entries=True), no_patch,
+                                  cache, enc, pos_B, new_g_B, new_patch_B)
+    glob = layers.write_caches(cache["glob"], new_g_B, entries, new_patch_B)
+    logits_Bx256, dec = self.decode_position(h_Bx1xE, slots, cache["dec"], pos_B)
+    # The next position opens input patch new_g + 1 when this target started new_g.
+    enc["count"] = jnp.where(new_patch_B, 0, enc["count"])
+    return logits_Bx256, {**enc, "dec": dec, "glob": glob, "g": new_g_B, "slots": slots}
+
+  def encode_position(self, cache, ids_B, pos_B):
+    """The encoder state [B, 1, E] of the new position (byte and hash n-gram embedding,
+    the n-grams over the ids before it in the window), and the cache entries it updates:
+    `enc`, `ids`, its slot cross-attention keys and values `kv`, and the running pool of
+    its input patch (`count` positions from `from`; a count of 0 opens a new one)."""
+    rows_B = jnp.arange(len(pos_B))
+    ids_BxT = cache["ids"].at[rows_B, pos_B].set(ids_B.astype(jnp.int32))
+    n = max(self.cfg.hash_ngrams, default=1)
+    back_BxN = pos_B[:, None] - jnp.arange(n - 1, -1, -1)
+    context_BxN = jnp.where(back_BxN >= 0, ids_BxT[rows_B[:, None], jnp.maximum(back_BxN, 0)],
+                            PAD_ID)
+    x_Bx1xE = self.embed_inputs(ids_B[:, None], context_BxN)
+    h_Bx1xE, enc_cache = self.encoder.step(x_Bx1xE, cache["enc"], pos_B)
+    kv = tuple(layers.write_position(c, pos_B, e[:, :, 0])
+               for c, e in zip(cache["kv"], self.enc_cross.keys_values(h_Bx1xE)))
+    h_BxE = h_Bx1xE[:, 0].astype(jnp.float32)
+    pool_BxE = cache["pool"]
+    pool_BxE = (jnp.maximum(pool_BxE, h_BxE) if self.cfg.pooling == "max"
+                else pool_BxE + h_BxE)
+    restart_B = (pos_B == 0) | (cache["count"] == 0)
+    return h_Bx1xE, {"enc": enc_cache, "ids": ids_BxT, "kv": kv,
+                     "pool": jnp.where(restart_B[:, None], h_BxE, pool_BxE),
+                     "count": jnp.where(restart_B, 1, cache["count"] + 1),
+                     "from": jnp.where(restart_B, pos_B, cache["from"])}
+
+  def next_patch(self, cache, enc, pos_B, new_g_B, new_patch_B, entries: bool = False):
+    """In rows where `new_patch`: the input patch that ends at pos pooled, its slots
+    cross-attending to its positions, one global step at new_g, and the decoder's slot
+    keys and values of patch new_g; the other rows keep theirs. Returns (the slots' keys
+    and values, each [B, H, k, K], the global caches with those rows written), or with `entries` (inside a
+    `lax.cond`, where returning whole caches copies them), the global step's keys and
+    values for `layers.write_caches` in place of the caches."""
+    B, _, T, _ = enc["kv"][0].shape
+    k = self.cfg.cross_attn_k
+    pooled_BxE = enc["pool"]
+    if self.cfg.pooling == "mean":
+      pooled_BxE = pooled_BxE / enc["count"][:, None]
+    t_T = jnp.arange(T)
+    in_patch_BxT = (t_T >= enc["from"][:, None]) & (t_T <= pos_B[:, None])
+    q_BxkxS = self.enc_slots(pooled_BxE[:, None].astype(self.enc_slots.kernel.dtype))
+    q_BxkxS = q_BxkxS.reshape(B, k, -1).astype(enc["kv"][0].dtype)
+    z_BxkxS = self.enc_cross.attend(q_BxkxS, enc["kv"], in_patch_BxT[:, None, :])
+    z_Bx1xG, glob = self.global_tf.step(z_BxkxS.reshape(B, 1, -1), cache["glob"], new_g_B,
+                                        write_B=new_patch_B, entries=entries)
+    slots_BxkxD = self.dec_slots(z_Bx1xG).reshape(B, k, -1)
+    slots = tuple(jnp.where(new_patch_B[:, None, None, None], new, old) for new, old in
+                  zip(self.dec_cross.keys_values(slots_BxkxD), cache["slots"]))
+    return slots, glob
+
+  def decode_position(self, h_Bx1xE, slots, dec_cache, pos_B):
+    """Next-byte logits [B, 256] of the new position, which reads the slots of its patch
+    (their keys and values), and the decoder caches with it written."""
+    d_Bx1xD = h_Bx1xE if self.enc_to_dec is None else self.enc_to_dec(h_Bx1xE)
+    d_Bx1xD = self.dec_cross.attend(d_Bx1xD, slots)
+    d_Bx1xD, dec_cache = self.decoder.step(d_Bx1xD, dec_cache, pos_B)
+    return self.head(d_Bx1xD)[:, 0].astype(jnp.float32), dec_cache
 
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
     return flops.blt_flops_per_byte(self.cfg, seq_len, mean_patch_size)

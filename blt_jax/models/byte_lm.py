@@ -40,6 +40,14 @@ class ByteLM(ByteModel):
     x_BxTxD = self.trunk(self.embed(inputs_BxT))
     return self.head(x_BxTxD).astype(jnp.float32)
 
+  def init_cache(self, batch_size: int, length: int):
+    return self.trunk.init_cache(batch_size, length, jnp.dtype(self.cfg.dtype))
+
+  def decode_step(self, cache, ids_B, pos_B, starts_B=None):
+    del starts_B  # no patches
+    x_Bx1xD, cache = self.trunk.step(self.embed(ids_B[:, None]), cache, pos_B)
+    return self.head(x_Bx1xD)[:, 0].astype(jnp.float32), cache
+
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
     del mean_patch_size  # no patches
     return flops.byte_lm_flops_per_byte(self.cfg, seq_len)

@@ -21,6 +21,19 @@ class ByteModel(nnx.Module):
     del packed, shards  # only a model that packs reads them
     return self(batch["inputs"])
 
+  def init_cache(self, batch_size: int, length: int):
+    """The decoding state (a pytree of arrays) of `batch_size` rows of up to `length`
+    input positions, for `decode_step`."""
+    raise NotImplementedError(f"{type(self).__name__} does not decode")
+
+  def decode_step(self, cache, ids_B, pos_B, starts_B=None):
+    """One input position per row: id ids_B[b] at position pos_B[b] (BOS at 0; positions
+    advance by one from 0, and a row goes back to 0 to start a new window). Returns the
+    next-byte logits [B, 256] float32, equal to `logits` at that position of the window,
+    and the cache. `starts_B` (models that `needs_patches`): whether the target byte this
+    position predicts starts a patch (as the patching rule decides from bytes before it)."""
+    raise NotImplementedError(f"{type(self).__name__} does not decode")
+
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
     """Analytic training (forward + backward) matmul FLOPs per byte (see `flops`)."""
     raise NotImplementedError

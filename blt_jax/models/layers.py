@@ -5,6 +5,8 @@ Masks are boolean, True where attention is allowed.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +31,11 @@ def rope(x_BxTxHxK, positions_BxT=None, theta: float = 10000.0):
   """Rotary position embedding (half-split convention). Without `positions`, position t is
   t and the sin/cos tables are compile-time constants (not recomputed per head and layer)."""
   T, half = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1] // 2
+  freq_K2 = theta ** (-np.arange(half, dtype=np.float32) / np.float32(half))
   if positions_BxT is None:
-    freq_K2 = theta ** (-np.arange(half, dtype=np.float32) / np.float32(half))
     angle_Tx1xK2 = np.arange(T, dtype=np.float32)[:, None, None] * freq_K2
     sin, cos = np.sin(angle_Tx1xK2), np.cos(angle_Tx1xK2)
   else:
-    freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_BxTx1xK2 = positions_BxT[..., None, None].astype(jnp.float32) * freq_K2
     sin, cos = jnp.sin(angle_BxTx1xK2), jnp.cos(angle_BxTx1xK2)
   x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
@@ -124,10 +125,10 @@ class Attention(nnx.Module):
       self.kv = dense(kv_dim, 2 * dim, rngs=rngs, dtype=dtype)
     self.o = dense(dim, dim, rngs=rngs, dtype=dtype, std=dim ** -0.5 / 2)
 
-  def project(self, x_BxTxD, kv_BxSxE=None, packing=None):
+  def project(self, x_BxTxD, kv_BxSxE=None, packing=None, positions_BxT=None):
     """Heads q [B, T, H, K] and k, v [B, S, H, K] (S = T for self-attention); with RoPE,
-    q and k are rotated by positions 0 .. T-1. With `packing`, x holds packed rows and
-    q, k, v come out unpacked to [B, P, H, K]."""
+    q and k are rotated by positions 0 .. T-1 (or `positions`). With `packing`, x holds
+    packed rows and q, k, v come out unpacked to [B, P, H, K]."""
     heads = lambda a: a.reshape(*a.shape[:2], self.n_heads, self.head_dim)
     if kv_BxSxE is None:
       qkv_BxTx3D = self.qkv(x_BxTxD)
@@ -138,14 +139,54 @@ class Attention(nnx.Module):
       q_BxTxD, (k_BxSxD, v_BxSxD) = self.q(x_BxTxD), jnp.split(self.kv(kv_BxSxE), 2, axis=-1)
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = heads(q_BxTxD), heads(k_BxSxD), heads(v_BxSxD)
     if self.use_rope:
-      q_BxTxHxK = rope(q_BxTxHxK, theta=self.rope_theta)
-      k_BxSxHxK = rope(k_BxSxHxK, theta=self.rope_theta)
+      q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, self.rope_theta)
+      k_BxSxHxK = rope(k_BxSxHxK, positions_BxT, self.rope_theta)
     return q_BxTxHxK, k_BxSxHxK, v_BxSxHxK
 
   def output(self, out_BxTxHxK):
     """The output projection of the concatenated heads."""
     B, T = out_BxTxHxK.shape[:2]
     return self.o(out_BxTxHxK.reshape(B, T, self.n_heads * self.head_dim))
+
+  def init_cache(self, batch_size: int, length: int, dtype) -> tuple:
+    """An empty key/value cache (k, v), each [B, H, S, K], for `step`."""
+    shape = (batch_size, self.n_heads, length, self.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers (donated apart)
+
+  def step(self, x_Bx1xD, cache: tuple, pos_B, write_B=None):
+    """Causal self-attention of one new position per row (row b at position pos_B[b])
+    over itself and the cached keys and values of its earlier positions (those within
+    the window): `__call__`'s output [B, 1, D] at that position, and the cache with this
+    position written (only in rows where `write_B`, when given). The cache is written
+    first and then read, which XLA updates in place."""
+    q_BxHxK, k_BxHxK, v_BxHxK = self._step_heads(x_Bx1xD, pos_B)
+    cache = tuple(write_position(c, pos_B, e, write_B) for c, e in zip(cache, (k_BxHxK, v_BxHxK)))
+    seen_BxS = self._seen(pos_B, cache[0].shape[2]) | (jnp.arange(cache[0].shape[2]) == pos_B[:, None])
+    out_BxHx1xK = masked_attention(q_BxHxK[:, :, None], cache[0], cache[1], seen_BxS[:, None, None])
+    return self.output(out_BxHx1xK.transpose(0, 2, 1, 3)), cache
+
+  def step_entries(self, x_Bx1xD, cache: tuple, pos_B):
+    """`step` with the cache only read: the output [B, 1, D] and this position's keys and
+    values [B, H, K] for `write_caches` (inside a `lax.cond`, where returning whole caches
+    would copy them)."""
+    q_BxHxK, k_BxHxK, v_BxHxK = self._step_heads(x_Bx1xD, pos_B)
+    out_BxHxK = attend_cache(q_BxHxK, cache[0], cache[1], self._seen(pos_B, cache[0].shape[2]),
+                             k_BxHxK, v_BxHxK)
+    return self.output(out_BxHxK[:, None]), (k_BxHxK, v_BxHxK)
+
+  def _step_heads(self, x_Bx1xD, pos_B):
+    """The new position's q (scaled), k, v, each [B, H, K]."""
+    q_Bx1xHxK, k_Bx1xHxK, v_Bx1xHxK = self.project(x_Bx1xD, positions_BxT=pos_B[:, None])
+    q_BxHxK = q_Bx1xHxK[:, 0] * jnp.asarray(self.head_dim ** -0.5, q_Bx1xHxK.dtype)
+    return q_BxHxK, k_Bx1xHxK[:, 0], v_Bx1xHxK[:, 0]
+
+  def _seen(self, pos_B, length: int):
+    """[B, S]: the cached positions before pos_B that its query sees (window included)."""
+    s_S = jnp.arange(length)
+    earlier_BxS = s_S < pos_B[:, None]
+    if self.window:
+      earlier_BxS &= pos_B[:, None] - s_S < self.window
+    return earlier_BxS
 
   def __call__(self, x_BxTxD, packing=None):
     """Causal self-attention (span `window` when set). With `packing` (a
@@ -157,6 +198,41 @@ class Attention(nnx.Module):
     q_BxPxHxK, k_BxPxHxK, v_BxPxHxK = self.project(x_BxTxD, packing=packing)
     out_BxPxHxK = causal_attention(q_BxPxHxK, k_BxPxHxK, v_BxPxHxK, self.window)
     return self.output(packing.pack(out_BxPxHxK))
+
+
+def attend_cache(q_BxHxK, k_BxHxSxK, v_BxHxSxK, mask_BxS, k_BxHxK, v_BxHxK):
+  """One query per row (already scaled) over the cached keys its mask allows and over its
+  own key: softmax attention [B, H, K], the cache read in place (not joined with the new
+  key)."""
+  cached_BxHxS = jnp.einsum("bhk,bhsk->bhs", q_BxHxK, k_BxHxSxK,
+                            preferred_element_type=jnp.float32)
+  cached_BxHxS = jnp.where(mask_BxS[:, None], cached_BxHxS, -jnp.inf)
+  own_BxH = jnp.einsum("bhk,bhk->bh", q_BxHxK, k_BxHxK, preferred_element_type=jnp.float32)
+  top_BxH = jnp.maximum(jnp.max(cached_BxHxS, axis=-1), own_BxH)
+  weights_BxHxS = jnp.exp(cached_BxHxS - top_BxH[..., None])
+  own_weight_BxH = jnp.exp(own_BxH - top_BxH)
+  total_BxH = jnp.sum(weights_BxHxS, axis=-1) + own_weight_BxH
+  out_BxHxK = (jnp.einsum("bhs,bhsk->bhk", weights_BxHxS.astype(v_BxHxSxK.dtype), v_BxHxSxK,
+                          preferred_element_type=jnp.float32)
+               + own_weight_BxH[..., None] * v_BxHxK.astype(jnp.float32))
+  return (out_BxHxK / total_BxH[..., None]).astype(v_BxHxK.dtype)
+
+
+def write_caches(caches: list, pos_B, entries: list, write_B=None) -> list:
+  """Key/value caches with each row's new entries (from `step`) written at its position
+  (only in rows where `write_B`, when given)."""
+  return [tuple(write_position(c, pos_B, e, write_B) for c, e in zip(cache, entry))
+          for cache, entry in zip(caches, entries)]
+
+
+def write_position(cache_BxHxSxK, pos_B, new_BxHxK, write_B=None):
+  """The cache with row b's entry at position pos_B[b] set to new_BxHxK[b] (kept as it was
+  in rows where `write_B` is False)."""
+  rows_B = jnp.arange(cache_BxHxSxK.shape[0])
+  new_BxHxK = new_BxHxK.astype(cache_BxHxSxK.dtype)
+  if write_B is not None:
+    new_BxHxK = jnp.where(write_B[:, None, None], new_BxHxK, cache_BxHxSxK[rows_B, :, pos_B])
+  return cache_BxHxSxK.at[rows_B, :, pos_B].set(new_BxHxK)
 
 
 def causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int = 0,
@@ -228,6 +304,15 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), packing)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
+  def step(self, x_Bx1xD, cache, pos_B, write_B=None, entries: bool = False):
+    """One new position per row over a key/value cache: `Attention.step`, or with
+    `entries`, `Attention.step_entries`."""
+    attn_step = self.attn.step_entries if entries else functools.partial(self.attn.step,
+                                                                          write_B=write_B)
+    a_Bx1xD, cache = attn_step(self.attn_norm(x_Bx1xD), cache, pos_B)
+    x_Bx1xD = x_Bx1xD + a_Bx1xD
+    return x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD)), cache
+
 
 class Transformer(nnx.Module):
   """A stack of causal blocks (attention span `window`; 0 = full), then a final norm.
@@ -252,3 +337,18 @@ class Transformer(nnx.Module):
     for block in self.blocks:
       x_BxTxD = apply_block(block, x_BxTxD, packing)
     return self.norm(x_BxTxD)
+
+  def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> list:
+    """Empty key/value caches of `length` positions, one per block, for `step`."""
+    return [block.attn.init_cache(batch_size, length, dtype) for block in self.blocks]
+
+  def step(self, x_Bx1xD, caches: list, pos_B, write_B=None, entries: bool = False):
+    """[B, 1, D] -> [B, 1, D]: `__call__`'s output at position pos_B[b] of each row, from
+    the caches of the earlier positions; returns it and the caches with this position
+    written (in rows where `write_B`, when given), or with `entries` (the caches only
+    read) this position's keys and values per block, for `write_caches`."""
+    out = []
+    for block, cache in zip(self.blocks, caches):
+      x_Bx1xD, cache = block.step(x_Bx1xD, cache, pos_B, write_B, entries)
+      out.append(cache)
+    return self.norm(x_Bx1xD), out

@@ -127,6 +127,34 @@ class Qwen3Attention(nnx.Module):
     out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxTxGxK)
     return self.o_proj(out_BxTxGxRxK.reshape(B, T, H * K))
 
+  def init_cache(self, batch_size: int, length: int) -> tuple:
+    """An empty key/value cache (k, v), each [B, G, S, K], for `step`."""
+    cfg = self.cfg
+    shape = (batch_size, cfg.num_key_value_heads, length, cfg.head_dim)
+    return jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))
+
+  def step(self, x_Bx1xD, cache: tuple, pos_B):
+    """`__call__` at one new position per row (row b at pos_B[b]) over itself and the
+    cached keys and values of its earlier positions (read only); returns [B, 1, D] and
+    this position's keys and values [B, G, K] for `layers.write_caches`."""
+    cfg = self.cfg
+    B = x_Bx1xD.shape[0]
+    H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    positions_Bx1 = pos_B[:, None]
+    q_Bx1xHxK = layers.rope(self.q_norm(self.q_proj(x_Bx1xD).reshape(B, 1, H, K)),
+                            positions_Bx1, cfg.rope_theta)
+    k_Bx1xGxK = layers.rope(self.k_norm(self.k_proj(x_Bx1xD).reshape(B, 1, G, K)),
+                            positions_Bx1, cfg.rope_theta)
+    k_BxGxK, v_BxGxK = k_Bx1xGxK[:, 0], self.v_proj(x_Bx1xD).reshape(B, G, K)
+    # Query head h = g * R + r reads key/value head g: the R heads of a group as rows.
+    R = H // G
+    repeat = lambda a: jnp.repeat(a, R, axis=1)  # [B, G, ...] -> [B, H, ...]
+    q_BxHxK = q_Bx1xHxK[:, 0] * jnp.asarray(K ** -0.5, q_Bx1xHxK.dtype)
+    earlier_BxS = jnp.arange(cache[0].shape[2]) < pos_B[:, None]
+    out_BxHxK = layers.attend_cache(q_BxHxK, repeat(cache[0]), repeat(cache[1]), earlier_BxS,
+                                    repeat(k_BxGxK), repeat(v_BxGxK))
+    return self.o_proj(out_BxHxK.reshape(B, 1, H * K)), (k_BxGxK, v_BxGxK)
+
 
 class Qwen3MLP(nnx.Module):
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
@@ -150,6 +178,11 @@ class Qwen3Layer(nnx.Module):
   def __call__(self, x_BxTxD, mask_TxS, positions_BxT):
     x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), mask_TxS, positions_BxT)
     return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+  def step(self, x_Bx1xD, cache, pos_B):
+    a_Bx1xD, entry = self.self_attn.step(self.input_layernorm(x_Bx1xD), cache, pos_B)
+    x_Bx1xD = x_Bx1xD + a_Bx1xD
+    return x_Bx1xD + self.mlp(self.post_attention_layernorm(x_Bx1xD)), entry
 
 
 class Qwen3(nnx.Module):
@@ -178,10 +211,26 @@ class Qwen3(nnx.Module):
     return self.norm(x_BxTxD)
 
   def __call__(self, ids_BxT):
-    x_BxTxD = self.hidden(ids_BxT)
+    return self.head(self.hidden(ids_BxT))
+
+  def head(self, x_BxTxD):
+    """Logits [B, T, V] float32 of final-norm hidden states."""
     if self.lm_head is None:
       return self.embed_tokens.attend(x_BxTxD).astype(jnp.float32)
     return self.lm_head(x_BxTxD).astype(jnp.float32)
+
+  def init_cache(self, batch_size: int, length: int) -> list:
+    return [layer.self_attn.init_cache(batch_size, length) for layer in self.layers]
+
+  def step(self, ids_B, caches: list, pos_B):
+    """Logits [B, V] of token ids_B[b] at position pos_B[b] of each row, from the key/value
+    caches of the earlier positions; and the caches with it written."""
+    x_Bx1xD = self.embed_tokens(ids_B[:, None])
+    entries = []
+    for layer, cache in zip(self.layers, caches):
+      x_Bx1xD, entry = layer.step(x_Bx1xD, cache, pos_B)
+      entries.append(entry)
+    return self.head(self.norm(x_Bx1xD))[:, 0], layers.write_caches(caches, pos_B, entries)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -438,6 +487,14 @@ class ByteQwen3(ByteModel):
 
   def __call__(self, inputs_BxT):
     return self.lm(inputs_BxT)[..., :BYTES]
+
+  def init_cache(self, batch_size: int, length: int):
+    return self.lm.init_cache(batch_size, length)
+
+  def decode_step(self, cache, ids_B, pos_B, starts_B=None):
+    del starts_B  # no patches
+    logits_BxV, cache = self.lm.step(ids_B, cache, pos_B)
+    return logits_BxV[:, :BYTES], cache
 
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
     del mean_patch_size  # no patches
