@@ -163,13 +163,13 @@ class CrossAttention(nnx.Module):
     self.k, self.slots_query = k, slots_query
 
   def keys_values(self, kv_BxMxE) -> tuple:
-    """The projected keys and values of the other sequence, each [B, H, M, K], for
-    `attend` (a decoder computes them once per position or slot, then reuses them)."""
+    """The projected keys and values of the other sequence, each [B * H, M, K] (cache rows,
+    see `layers`), for `attend` (decoding computes them once per position or slot)."""
     B, M, _ = kv_BxMxE.shape
     H = self.attn.n_heads
-    heads_first = lambda a: a.reshape(B, M, H, -1).transpose(0, 2, 1, 3)
+    rows = lambda a: layers.rows_of(a.reshape(B, M, H, -1).transpose(0, 2, 1, 3))
     k_BxMxD, v_BxMxD = jnp.split(self.attn.kv(kv_BxMxE), 2, axis=-1)
-    return heads_first(k_BxMxD), heads_first(v_BxMxD)
+    return rows(k_BxMxD), rows(v_BxMxD)
 
   def attend(self, x_BxLxD, kv: tuple, mask_BxLxM=None):
     """x + attn(norm(x), ...) over projected keys and values (`keys_values`), each query
@@ -177,10 +177,10 @@ class CrossAttention(nnx.Module):
     B, L, D = x_BxLxD.shape
     H = self.attn.n_heads
     q_BxLxD = self.attn.q(self.norm(x_BxLxD)) * jnp.asarray((D // H) ** -0.5, x_BxLxD.dtype)
-    q_BxHxLxK = q_BxLxD.reshape(B, L, H, D // H).transpose(0, 2, 1, 3)
-    out_BxHxLxK = layers.masked_attention(q_BxHxLxK, kv[0], kv[1],
-                                          True if mask_BxLxM is None else mask_BxLxM[:, None])
-    return x_BxLxD + self.attn.output(out_BxHxLxK.transpose(0, 2, 1, 3))
+    q_NxLxK = layers.rows_of(q_BxLxD.reshape(B, L, H, D // H).transpose(0, 2, 1, 3))
+    mask = True if mask_BxLxM is None else layers.per_head(mask_BxLxM, H)
+    out_NxLxK = layers.masked_attention(q_NxLxK, kv[0], kv[1], mask)
+    return x_BxLxD + self.attn.output(out_NxLxK.reshape(B, H, L, -1).transpose(0, 2, 1, 3))
 
   def __call__(self, x_BxLxD, kv_BxMxE, patch_ids_BxT):
     q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = self.attn.project(self.norm(x_BxLxD), kv_BxMxE)
@@ -283,8 +283,9 @@ class BLT(ByteModel):
     new_patch_B = first_B | (new_g_B != g_B)
     # The global step runs only when some row starts a patch; inside the `cond` the global
     # caches are only read (returning them whole would copy them) and written after it.
+    B, H = len(pos_B), self.cfg.global_heads
     no_patch = lambda *_: (cache["slots"], [
-        tuple(jnp.zeros(c.shape[:2] + c.shape[3:], c.dtype) for c in kv) for kv in cache["glob"]])
+        tuple(jnp.zeros((B, H, c.shape[-1]), c.dtype) for c in kv) for kv in cache["glob"]])
     slots, entries = jax.lax.cond(jnp.any(new_patch_B),
                                   functools.partial(self.next_patch, entries=True), no_patch,
                                   cache, enc, pos_B, new_g_B, new_patch_B)
@@ -307,7 +308,8 @@ class BLT(ByteModel):
                             PAD_ID)
     x_Bx1xE = self.embed_inputs(ids_B[:, None], context_BxN)
     h_Bx1xE, enc_cache = self.encoder.step(x_Bx1xE, cache["enc"], pos_B)
-    kv = tuple(layers.write_position(c, pos_B, e[:, :, 0])
+    H = self.enc_cross.attn.n_heads
+    kv = tuple(layers.write_position(c, pos_B, e.reshape(len(pos_B), H, -1))
                for c, e in zip(cache["kv"], self.enc_cross.keys_values(h_Bx1xE)))
     h_BxE = h_Bx1xE[:, 0].astype(jnp.float32)
     pool_BxE = cache["pool"]
@@ -323,10 +325,10 @@ class BLT(ByteModel):
     """In rows where `new_patch`: the input patch that ends at pos pooled, its slots
     cross-attending to its positions, one global step at new_g, and the decoder's slot
     keys and values of patch new_g; the other rows keep theirs. Returns (the slots' keys
-    and values, each [B, H, k, K], the global caches with those rows written), or with `entries` (inside a
+    and values, each [B * H, k, K], the global caches with those rows written), or with `entries` (inside a
     `lax.cond`, where returning whole caches copies them), the global step's keys and
     values for `layers.write_caches` in place of the caches."""
-    B, _, T, _ = enc["kv"][0].shape
+    B, T = enc["ids"].shape
     k = self.cfg.cross_attn_k
     pooled_BxE = enc["pool"]
     if self.cfg.pooling == "mean":
@@ -339,7 +341,8 @@ class BLT(ByteModel):
     z_Bx1xG, glob = self.global_tf.step(z_BxkxS.reshape(B, 1, -1), cache["glob"], new_g_B,
                                         write_B=new_patch_B, entries=entries)
     slots_BxkxD = self.dec_slots(z_Bx1xG).reshape(B, k, -1)
-    slots = tuple(jnp.where(new_patch_B[:, None, None, None], new, old) for new, old in
+    new_N = layers.per_head(new_patch_B, self.dec_cross.attn.n_heads)
+    slots = tuple(jnp.where(new_N[:, None, None], new, old) for new, old in
                   zip(self.dec_cross.keys_values(slots_BxkxD), cache["slots"]))
     return slots, glob
 

@@ -2,6 +2,9 @@
 
 Shapes in names: B batch, T query length, S key length, D width, H heads, K head dim.
 Masks are boolean, True where attention is allowed.
+
+Decoding caches hold keys or values as [N, S, K] with N = B * H rows (batch-major, then
+heads): no axis of size one in a batch of one, which XLA:CPU would copy at every step.
 """
 from __future__ import annotations
 
@@ -149,8 +152,8 @@ class Attention(nnx.Module):
     return self.o(out_BxTxHxK.reshape(B, T, self.n_heads * self.head_dim))
 
   def init_cache(self, batch_size: int, length: int, dtype) -> tuple:
-    """An empty key/value cache (k, v), each [B, H, S, K], for `step`."""
-    shape = (batch_size, self.n_heads, length, self.head_dim)
+    """An empty key/value cache (k, v), each [B * H, S, K], for `step`."""
+    shape = (batch_size * self.n_heads, length, self.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers (donated apart)
 
   def step(self, x_Bx1xD, cache: tuple, pos_B, write_B=None):
@@ -161,18 +164,21 @@ class Attention(nnx.Module):
     first and then read, which XLA updates in place."""
     q_BxHxK, k_BxHxK, v_BxHxK = self._step_heads(x_Bx1xD, pos_B)
     cache = tuple(write_position(c, pos_B, e, write_B) for c, e in zip(cache, (k_BxHxK, v_BxHxK)))
-    seen_BxS = self._seen(pos_B, cache[0].shape[2]) | (jnp.arange(cache[0].shape[2]) == pos_B[:, None])
-    out_BxHx1xK = masked_attention(q_BxHxK[:, :, None], cache[0], cache[1], seen_BxS[:, None, None])
-    return self.output(out_BxHx1xK.transpose(0, 2, 1, 3)), cache
+    S = cache[0].shape[1]
+    seen_BxS = self._seen(pos_B, S) | (jnp.arange(S) == pos_B[:, None])
+    out_Nx1xK = masked_attention(rows_of(q_BxHxK)[:, None], cache[0], cache[1],
+                                 per_head(seen_BxS, self.n_heads)[:, None])
+    return self.output(out_Nx1xK.reshape(*q_BxHxK.shape)[:, None]), cache
 
   def step_entries(self, x_Bx1xD, cache: tuple, pos_B):
     """`step` with the cache only read: the output [B, 1, D] and this position's keys and
     values [B, H, K] for `write_caches` (inside a `lax.cond`, where returning whole caches
     would copy them)."""
     q_BxHxK, k_BxHxK, v_BxHxK = self._step_heads(x_Bx1xD, pos_B)
-    out_BxHxK = attend_cache(q_BxHxK, cache[0], cache[1], self._seen(pos_B, cache[0].shape[2]),
-                             k_BxHxK, v_BxHxK)
-    return self.output(out_BxHxK[:, None]), (k_BxHxK, v_BxHxK)
+    seen_NxS = per_head(self._seen(pos_B, cache[0].shape[1]), self.n_heads)
+    out_Nx1xK = attend_cache(rows_of(q_BxHxK)[:, None], cache[0], cache[1], seen_NxS,
+                             rows_of(k_BxHxK), rows_of(v_BxHxK))
+    return self.output(out_Nx1xK.reshape(*q_BxHxK.shape)[:, None]), (k_BxHxK, v_BxHxK)
 
   def _step_heads(self, x_Bx1xD, pos_B):
     """The new position's q (scaled), k, v, each [B, H, K]."""
@@ -200,22 +206,32 @@ class Attention(nnx.Module):
     return self.output(packing.pack(out_BxPxHxK))
 
 
-def attend_cache(q_BxHxK, k_BxHxSxK, v_BxHxSxK, mask_BxS, k_BxHxK, v_BxHxK):
-  """One query per row (already scaled) over the cached keys its mask allows and over its
-  own key: softmax attention [B, H, K], the cache read in place (not joined with the new
-  key)."""
-  cached_BxHxS = jnp.einsum("bhk,bhsk->bhs", q_BxHxK, k_BxHxSxK,
+def rows_of(x_BxHx___):
+  """[B, H, ...] -> [B * H, ...]: the cache rows (batch-major, then heads)."""
+  return x_BxHx___.reshape(-1, *x_BxHx___.shape[2:])
+
+
+def per_head(mask_Bx___, n_heads: int):
+  """A per-row mask [B, ...] repeated for each head's cache row: [B * H, ...]."""
+  return jnp.repeat(mask_Bx___, n_heads, axis=0)
+
+
+def attend_cache(q_NxLxK, k_NxSxK, v_NxSxK, mask_NxS, k_NxK, v_NxK):
+  """L queries per cache row (already scaled) over the cached keys its mask allows and over
+  the row's own new key: softmax attention [N, L, K], the cache read in place (not joined
+  with the new key)."""
+  cached_NxLxS = jnp.einsum("nlk,nsk->nls", q_NxLxK, k_NxSxK,
                             preferred_element_type=jnp.float32)
-  cached_BxHxS = jnp.where(mask_BxS[:, None], cached_BxHxS, -jnp.inf)
-  own_BxH = jnp.einsum("bhk,bhk->bh", q_BxHxK, k_BxHxK, preferred_element_type=jnp.float32)
-  top_BxH = jnp.maximum(jnp.max(cached_BxHxS, axis=-1), own_BxH)
-  weights_BxHxS = jnp.exp(cached_BxHxS - top_BxH[..., None])
-  own_weight_BxH = jnp.exp(own_BxH - top_BxH)
-  total_BxH = jnp.sum(weights_BxHxS, axis=-1) + own_weight_BxH
-  out_BxHxK = (jnp.einsum("bhs,bhsk->bhk", weights_BxHxS.astype(v_BxHxSxK.dtype), v_BxHxSxK,
+  cached_NxLxS = jnp.where(mask_NxS[:, None], cached_NxLxS, -jnp.inf)
+  own_NxL = jnp.einsum("nlk,nk->nl", q_NxLxK, k_NxK, preferred_element_type=jnp.float32)
+  top_NxL = jnp.maximum(jnp.max(cached_NxLxS, axis=-1), own_NxL)
+  weights_NxLxS = jnp.exp(cached_NxLxS - top_NxL[..., None])
+  own_weight_NxL = jnp.exp(own_NxL - top_NxL)
+  total_NxL = jnp.sum(weights_NxLxS, axis=-1) + own_weight_NxL
+  out_NxLxK = (jnp.einsum("nls,nsk->nlk", weights_NxLxS.astype(v_NxSxK.dtype), v_NxSxK,
                           preferred_element_type=jnp.float32)
-               + own_weight_BxH[..., None] * v_BxHxK.astype(jnp.float32))
-  return (out_BxHxK / total_BxH[..., None]).astype(v_BxHxK.dtype)
+               + own_weight_NxL[..., None] * v_NxK[:, None].astype(jnp.float32))
+  return (out_NxLxK / total_NxL[..., None]).astype(v_NxK.dtype)
 
 
 def write_caches(caches: list, pos_B, entries: list, write_B=None) -> list:
@@ -225,14 +241,15 @@ def write_caches(caches: list, pos_B, entries: list, write_B=None) -> list:
           for cache, entry in zip(caches, entries)]
 
 
-def write_position(cache_BxHxSxK, pos_B, new_BxHxK, write_B=None):
-  """The cache with row b's entry at position pos_B[b] set to new_BxHxK[b] (kept as it was
-  in rows where `write_B` is False)."""
-  rows_B = jnp.arange(cache_BxHxSxK.shape[0])
-  new_BxHxK = new_BxHxK.astype(cache_BxHxSxK.dtype)
+def write_position(cache_NxSxK, pos_B, new_BxHxK, write_B=None):
+  """The cache with batch row b's entries (its H cache rows) at position pos_B[b] set to
+  new_BxHxK[b] (kept as they were in rows where `write_B` is False)."""
+  H = new_BxHxK.shape[1]
+  rows_N, pos_N = jnp.arange(cache_NxSxK.shape[0]), jnp.repeat(pos_B, H)
+  new_NxK = rows_of(new_BxHxK).astype(cache_NxSxK.dtype)
   if write_B is not None:
-    new_BxHxK = jnp.where(write_B[:, None, None], new_BxHxK, cache_BxHxSxK[rows_B, :, pos_B])
-  return cache_BxHxSxK.at[rows_B, :, pos_B].set(new_BxHxK)
+    new_NxK = jnp.where(per_head(write_B, H)[:, None], new_NxK, cache_NxSxK[rows_N, pos_N])
+  return cache_NxSxK.at[rows_N, pos_N].set(new_NxK)
 
 
 def causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int = 0,
@@ -256,19 +273,20 @@ def causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window: int = 0,
   return heads_first(out_BxHxTxK)
 
 
-def masked_attention(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_TxS):
-  """Softmax attention (q already scaled) where `mask` allows; every query must see at least
-  one key. The softmax is normalised after the weighted sum of values (on [B, H, T, K], not
-  on the [B, H, T, S] weights), which saves a pass over the weights forward and backward."""
-  logits_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK,
-                              preferred_element_type=jnp.float32)
-  logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, -jnp.inf)
-  top_BxHxTx1 = jax.lax.stop_gradient(jnp.max(logits_BxHxTxS, axis=-1, keepdims=True))
-  weights_BxHxTxS = jnp.exp(logits_BxHxTxS - top_BxHxTx1)
-  total_BxHxTx1 = jnp.sum(weights_BxHxTxS, axis=-1, keepdims=True)
-  out_BxHxTxK = jnp.einsum("bhts,bhsk->bhtk", weights_BxHxTxS.astype(v_BxHxSxK.dtype),
-                           v_BxHxSxK, preferred_element_type=jnp.float32)
-  return (out_BxHxTxK / total_BxHxTx1).astype(v_BxHxSxK.dtype)
+def masked_attention(q_xTxK, k_xSxK, v_xSxK, mask_TxS):
+  """Softmax attention (q already scaled) where `mask` allows, over any leading axes
+  ([B, H] in training, cache rows in decoding); every query must see at least one key.
+  The softmax is normalised after the weighted sum of values (on [..., T, K], not on the
+  [..., T, S] weights), which saves a pass over the weights forward and backward."""
+  logits_xTxS = jnp.einsum("...tk,...sk->...ts", q_xTxK, k_xSxK,
+                           preferred_element_type=jnp.float32)
+  logits_xTxS = jnp.where(mask_TxS, logits_xTxS, -jnp.inf)
+  top_xTx1 = jax.lax.stop_gradient(jnp.max(logits_xTxS, axis=-1, keepdims=True))
+  weights_xTxS = jnp.exp(logits_xTxS - top_xTx1)
+  total_xTx1 = jnp.sum(weights_xTxS, axis=-1, keepdims=True)
+  out_xTxK = jnp.einsum("...ts,...sk->...tk", weights_xTxS.astype(v_xSxK.dtype), v_xSxK,
+                        preferred_element_type=jnp.float32)
+  return (out_xTxK / total_xTx1).astype(v_xSxK.dtype)
 
 
 class SwiGLU(nnx.Module):

@@ -128,15 +128,15 @@ class Qwen3Attention(nnx.Module):
     return self.o_proj(out_BxTxGxRxK.reshape(B, T, H * K))
 
   def init_cache(self, batch_size: int, length: int) -> tuple:
-    """An empty key/value cache (k, v), each [B, G, S, K], for `step`."""
+    """An empty key/value cache (k, v), each [B * G, S, K] (cache rows, see `layers`)."""
     cfg = self.cfg
-    shape = (batch_size, cfg.num_key_value_heads, length, cfg.head_dim)
+    shape = (batch_size * cfg.num_key_value_heads, length, cfg.head_dim)
     return jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))
 
   def step(self, x_Bx1xD, cache: tuple, pos_B):
     """`__call__` at one new position per row (row b at pos_B[b]) over itself and the
-    cached keys and values of its earlier positions (read only); returns [B, 1, D] and
-    this position's keys and values [B, G, K] for `layers.write_caches`."""
+    cached keys and values of its earlier positions; returns [B, 1, D] and the cache with
+    this position written (first, then read: XLA updates it in place)."""
     cfg = self.cfg
     B = x_Bx1xD.shape[0]
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -145,15 +145,14 @@ class Qwen3Attention(nnx.Module):
                             positions_Bx1, cfg.rope_theta)
     k_Bx1xGxK = layers.rope(self.k_norm(self.k_proj(x_Bx1xD).reshape(B, 1, G, K)),
                             positions_Bx1, cfg.rope_theta)
-    k_BxGxK, v_BxGxK = k_Bx1xGxK[:, 0], self.v_proj(x_Bx1xD).reshape(B, G, K)
-    # Query head h = g * R + r reads key/value head g: the R heads of a group as rows.
-    R = H // G
-    repeat = lambda a: jnp.repeat(a, R, axis=1)  # [B, G, ...] -> [B, H, ...]
-    q_BxHxK = q_Bx1xHxK[:, 0] * jnp.asarray(K ** -0.5, q_Bx1xHxK.dtype)
-    earlier_BxS = jnp.arange(cache[0].shape[2]) < pos_B[:, None]
-    out_BxHxK = layers.attend_cache(q_BxHxK, repeat(cache[0]), repeat(cache[1]), earlier_BxS,
-                                    repeat(k_BxGxK), repeat(v_BxGxK))
-    return self.o_proj(out_BxHxK.reshape(B, 1, H * K)), (k_BxGxK, v_BxGxK)
+    v_BxGxK = self.v_proj(x_Bx1xD).reshape(B, G, K)
+    cache = tuple(layers.write_position(c, pos_B, e)
+                  for c, e in zip(cache, (k_Bx1xGxK[:, 0], v_BxGxK)))
+    # Query head h = g * R + r reads key/value head g: the R heads of a group query its row.
+    q_NxRxK = q_Bx1xHxK.reshape(B * G, H // G, K) * jnp.asarray(K ** -0.5, q_Bx1xHxK.dtype)
+    seen_NxS = layers.per_head(jnp.arange(cache[0].shape[1]) <= pos_B[:, None], G)
+    out_NxRxK = layers.masked_attention(q_NxRxK, cache[0], cache[1], seen_NxS[:, None])
+    return self.o_proj(out_NxRxK.reshape(B, 1, H * K)), cache
 
 
 class Qwen3MLP(nnx.Module):
@@ -180,9 +179,9 @@ class Qwen3Layer(nnx.Module):
     return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
 
   def step(self, x_Bx1xD, cache, pos_B):
-    a_Bx1xD, entry = self.self_attn.step(self.input_layernorm(x_Bx1xD), cache, pos_B)
+    a_Bx1xD, cache = self.self_attn.step(self.input_layernorm(x_Bx1xD), cache, pos_B)
     x_Bx1xD = x_Bx1xD + a_Bx1xD
-    return x_Bx1xD + self.mlp(self.post_attention_layernorm(x_Bx1xD)), entry
+    return x_Bx1xD + self.mlp(self.post_attention_layernorm(x_Bx1xD)), cache
 
 
 class Qwen3(nnx.Module):
@@ -226,11 +225,11 @@ class Qwen3(nnx.Module):
     """Logits [B, V] of token ids_B[b] at position pos_B[b] of each row, from the key/value
     caches of the earlier positions; and the caches with it written."""
     x_Bx1xD = self.embed_tokens(ids_B[:, None])
-    entries = []
+    new_caches = []
     for layer, cache in zip(self.layers, caches):
-      x_Bx1xD, entry = layer.step(x_Bx1xD, cache, pos_B)
-      entries.append(entry)
-    return self.head(self.norm(x_Bx1xD))[:, 0], layers.write_caches(caches, pos_B, entries)
+      x_Bx1xD, cache = layer.step(x_Bx1xD, cache, pos_B)
+      new_caches.append(cache)
+    return self.head(self.norm(x_Bx1xD))[:, 0], new_caches
 
 
 # ----------------------------------------------------------------------------- loading
