@@ -98,6 +98,7 @@ class Decoder:
     self.e_graphdef, self.e_params = (nnx.split(entropy_model) if self.uses_entropy
                                       else (None, None))
     self._run = {}
+    self.steps = 0  # decoding steps (positions per row) the last `generate` ran
 
   # ---------------------------------------------------------------- device side
 
@@ -167,7 +168,7 @@ class Decoder:
           i, st = carry
           return i + 1, self._step(params, e_params, st, opts, stop)
 
-        return jax.lax.while_loop(more, body, (jnp.int32(0), st))[1]
+        return jax.lax.while_loop(more, body, (jnp.int32(0), st))
       self._run[stop] = jax.jit(run, donate_argnums=(2,))
     return self._run[stop]
 
@@ -213,8 +214,10 @@ class Decoder:
     run = self._runner(options.stop or b"")
     opts = options.traced()
     shown = np.asarray(st["first"])
+    self.steps = 0
     while True:
-      st = run(self.params, self.e_params, st, opts, jnp.int32(chunk))
+      steps, st = run(self.params, self.e_params, st, opts, jnp.int32(chunk))
+      self.steps += int(steps)
       done, n = np.asarray(st["done"]), np.asarray(st["n"])
       if on_bytes is not None and np.any(n > shown):
         text = np.asarray(st["text"])

@@ -24,3 +24,18 @@ def test_train_throughput_reports_bytes_per_second_and_mfu():
   assert len(mfus) == 2 and all(0 < m < 1 for m in mfus), out
   ratio = re.search(r"blt patch3 \(tiny\): MFU ([\d.]+) = ([\d.]+) x the baseline's", out)
   assert ratio and abs(float(ratio.group(2)) - mfus[0] / mfus[1]) < 0.01, out
+
+
+def test_generate_benchmark_reports_cached_and_uncached_rates():
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--size=tiny", "--new=8",
+       "--uncached_new=2", "--batches=1,2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = re.findall(r"batch +(\d+): cached +([\d.]+) bytes/s .* uncached +([\d.]+) bytes/s .* "
+                    r"cached / uncached ([\d.]+)x", proc.stdout)
+  assert [r[0] for r in rows] == ["1", "2", "1", "2"], proc.stdout  # byte baseline, BLT
+  for _, cached, uncached, ratio in rows:
+    assert abs(float(cached) / float(uncached) - float(ratio)) < 0.06 * float(ratio)
+  assert proc.stdout.count("ms per step: entropy model") == 2, proc.stdout
