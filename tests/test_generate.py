@@ -216,6 +216,13 @@ def test_bad_generation_options_are_one_line_errors(bad, needle):
     lm.generate(args.pop("prompts"), **args)
 
 
+def test_entropy_model_with_a_shorter_window_is_refused(entropy_lm, threshold):
+  short = random_lm(dict(kind="byte_lm", dim=32, n_layers=2, n_heads=2), seq_len=T // 2)
+  lm = random_lm(BLT, rule_of("global", threshold), short)
+  with pytest.raises(UserError, match=r"entropy model's window \(128\) to be at least"):
+    lm.generate([b"x"], max_bytes=4)
+
+
 def test_empty_prompt_is_bos_alone():
   lm = random_lm(dict(kind="byte_lm", dim=16, n_layers=1, n_heads=2))
   out = lm.generate([b""], max_bytes=5)[0]

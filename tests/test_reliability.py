@@ -118,6 +118,7 @@ BAD_INPUTS = [  # (extra arguments, what the one-line error says); README's tabl
     (["--config.mode=sample", "--config.sample.max_bytes=0"], "sample.max_bytes"),
     (["--config.mode=sample", "--config.sample.top_k=300"], "sample.top_k must be in 0..256"),
     (["--config.mode=sample", "--config.sample.temperature=-1.0"], "sample.temperature"),
+    (["--config.mode=sample", "--config.sample.top_p=1.5"], "sample.top_p must be in (0, 1]"),
     (["--config.mode=patch"], "needs a patching config"),
     (["--config.patching.mode=global"], "needs patching.threshold"),
 ]
