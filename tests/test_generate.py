@@ -80,14 +80,19 @@ def test_cached_greedy_equals_the_uncached_reference(case, entropy_lm, threshold
     assert len(set(lengths[lengths > 0][:-1])) >= 3  # the last holds padding (or folds)
 
 
-def test_decode_steps_equal_the_window_forward():
-  """Every kind, one position per step from empty caches, gives the logits of the whole
-  window's forward at every position (BLT with random patch starts, folding included;
-  one row, which skips global steps, is covered by the generation tests)."""
+def test_prefill_then_decode_steps_equal_the_window_forward():
+  """Every kind: `prefill` of a window's first n positions (whatever the window holds
+  after them), then one `decode_step` per position, gives the logits of the window's
+  forward at every position. Row 0 prefills nothing (all steps, from BOS); in row 1 the
+  last prefilled byte starts a patch, in row 2 it does not (BLT with random patch
+  starts, folding included)."""
   rng = np.random.default_rng(0)
-  rows, T_ = 2, 40
+  rows, T_ = 3, 40
   inputs = np.concatenate([np.full((rows, 1), BOS), rng.integers(0, 256, (rows, T_ - 1))], 1)
   starts = rng.random((rows, T_)) < 0.35
+  starts[1, 16], starts[2, 26] = True, False
+  n = np.array([0, 17, 27])
+  later_BxT = np.arange(T_) >= n[:, None]
   for fields in [dict(kind="byte_lm", dim=32, n_layers=2, n_heads=2, window=8),
                  dict(kind="qwen3"), dict(BLT, enc_window=8, dec_window=8, max_patches=9),
                  dict(BLT, pooling="mean", dec_dim=48, hash_ngrams=(), max_patches=20)]:
@@ -101,14 +106,22 @@ def test_decode_steps_equal_the_window_forward():
     @jax.jit
     def steps(state):
       m = nnx.merge(graphdef, state)
+      ids = jnp.where(later_BxT, 7, jnp.asarray(inputs))  # garbage after n
+      logits_BxTx256, cache = m.prefill(ids, jnp.asarray(n), jnp.asarray(starts | later_BxT))
+
       def step(cache, x):
         ids_B, t, starts_B = x
-        logits_Bx256, cache = m.decode_step(cache, ids_B, jnp.full((rows,), t),
-                                            starts_B if m.needs_patches else None)
-        return cache, logits_Bx256
+        logits_Bx256, stepped = m.decode_step(cache, ids_B, jnp.full((rows,), t),
+                                              starts_B if m.needs_patches else None)
+        moves_B = jnp.asarray(n) <= t  # rows still in their prefilled part keep the cache
+        keep = lambda new, old: jnp.where(
+            jnp.repeat(moves_B, new.shape[0] // rows).reshape((-1,) + (1,) * (new.ndim - 1)),
+            new, old)
+        return jax.tree.map(keep, stepped, cache), logits_Bx256
       xs = (jnp.asarray(inputs.T), jnp.arange(T_), jnp.asarray(starts.T))
-      return jax.lax.scan(step, m.init_cache(rows, T_), xs)[1]
-    got = np.asarray(steps(state)).transpose(1, 0, 2)
+      return logits_BxTx256, jax.lax.scan(step, cache, xs)[1].transpose(1, 0, 2)
+    prefilled, stepped = map(np.asarray, steps(state))
+    got = np.where(later_BxT[..., None], stepped, prefilled)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=str(fields))
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from blt_jax import patching
 from blt_jax.constants import BYTES, INPUT_VOCAB
 from blt_jax.models import flops, layers, slot_packing
 from blt_jax.models.hash_embed import PAD_ID, HashEmbed
@@ -271,6 +272,45 @@ class BLT(ByteModel):
             "from": zeros(B, dtype=jnp.int32),            # its first position
             "g": zeros(B, dtype=jnp.int32),               # patch of the last target
             "slots": self.dec_cross.attn.init_cache(B, cfg.cross_attn_k, dtype)}  # of patch g
+
+  def prefill(self, ids_BxT, n_B, starts_BxT=None):
+    cfg, k = self.cfg, self.cfg.cross_attn_k
+    B, T = ids_BxT.shape
+    P = cfg.max_patches
+    t_T = jnp.arange(T)
+    last_B = jnp.maximum(n_B - 1, 0)  # the last position filled
+    lengths_BxP = patching.patch_lengths(starts_BxT & (t_T < n_B[:, None]), P)
+    g_BxT = byte_patch_ids(lengths_BxP, T)
+    ip_BxT = input_patch_ids(g_BxT)
+
+    # The window's forward (as `forward_embedded`), keeping every stack's cache.
+    h_BxTxE, enc = self.encoder.prefill(self.embed_inputs(ids_BxT))
+    q_BxPkxS = self.enc_slots(pool_patches(h_BxTxE, ip_BxT, P, cfg.pooling)).reshape(B, P * k, -1)
+    z_BxPxG = self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT).reshape(B, P, -1)
+    z_BxPxG, glob = self.global_tf.prefill(z_BxPxG)
+    slots_BxPxkxD = self.dec_slots(z_BxPxG).reshape(B, P, k, -1)
+    d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
+    d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPxkxD.reshape(B, P * k, -1), g_BxT)
+    d_BxTxD, dec = self.decoder.prefill(d_BxTxD)
+
+    # The state after the last position: its patch g, whose slots the decoder reads, and
+    # the open input patch (the positions since the last patch start; none when the last
+    # target started one), pooled so far.
+    rows_B = jnp.arange(B)
+    g_B = g_BxT[rows_B, last_B]
+    started_B = (last_B == 0) | (g_B != g_BxT[rows_B, jnp.maximum(last_B - 1, 0)])
+    open_BxT = (ip_BxT == ip_BxT[rows_B, last_B][:, None]) & (t_T <= last_B[:, None])
+    h32_BxTxE = h_BxTxE.astype(jnp.float32)
+    pool_BxE = (jnp.max(jnp.where(open_BxT[..., None], h32_BxTxE, -jnp.inf), axis=1)
+                if cfg.pooling == "max" else
+                jnp.sum(jnp.where(open_BxT[..., None], h32_BxTxE, 0), axis=1))
+    cache = {"enc": enc, "dec": dec, "glob": glob, "ids": ids_BxT.astype(jnp.int32),
+             "kv": self.enc_cross.keys_values(h_BxTxE),
+             "pool": pool_BxE,
+             "count": jnp.where(started_B, 0, jnp.sum(open_BxT, axis=1)).astype(jnp.int32),
+             "from": jnp.argmax(open_BxT, axis=1).astype(jnp.int32), "g": g_B,
+             "slots": self.dec_cross.keys_values(slots_BxPxkxD[rows_B, g_B])}
+    return self.head(d_BxTxD).astype(jnp.float32), cache
 
   def decode_step(self, cache, ids_B, pos_B, starts_B=None):
     P = self.cfg.max_patches

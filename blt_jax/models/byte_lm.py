@@ -43,6 +43,11 @@ class ByteLM(ByteModel):
   def init_cache(self, batch_size: int, length: int):
     return self.trunk.init_cache(batch_size, length, jnp.dtype(self.cfg.dtype))
 
+  def prefill(self, ids_BxT, n_B, starts_BxT=None):
+    del n_B, starts_BxT  # every position's keys and values are the window's
+    x_BxTxD, cache = self.trunk.prefill(self.embed(ids_BxT))
+    return self.head(x_BxTxD).astype(jnp.float32), cache
+
   def decode_step(self, cache, ids_B, pos_B, starts_B=None):
     del starts_B  # no patches
     x_Bx1xD, cache = self.trunk.step(self.embed(ids_B[:, None]), cache, pos_B)

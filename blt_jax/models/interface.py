@@ -34,6 +34,13 @@ class ByteModel(nnx.Module):
     position predicts starts a patch (as the patching rule decides from bytes before it)."""
     raise NotImplementedError(f"{type(self).__name__} does not decode")
 
+  def prefill(self, ids_BxT, n_B, starts_BxT=None):
+    """What `decode_step` at positions 0 .. n_B[b] - 1 of each row gives, computed over
+    the whole windows at once: (logits [B, T, 256] of every position, the cache to go on
+    from at position n_B). Positions from n_B on may hold anything (`starts_BxT` there
+    included); their cache entries are written again before they are read."""
+    raise NotImplementedError(f"{type(self).__name__} does not decode")
+
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
     """Analytic training (forward + backward) matmul FLOPs per byte (see `flops`)."""
     raise NotImplementedError

@@ -156,6 +156,14 @@ class Attention(nnx.Module):
     shape = (batch_size * self.n_heads, length, self.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers (donated apart)
 
+  def prefill(self, x_BxTxD):
+    """`__call__` over whole windows, and their keys and values as a decoding cache (each
+    [B * H, T, K]) from which `step` goes on at any position."""
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = self.project(x_BxTxD)
+    out_BxTxD = self.output(causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, self.window))
+    rows = lambda a: rows_of(a.transpose(0, 2, 1, 3))
+    return out_BxTxD, (rows(k_BxTxHxK), rows(v_BxTxHxK))
+
   def step(self, x_Bx1xD, cache: tuple, pos_B, write_B=None):
     """Causal self-attention of one new position per row (row b at position pos_B[b])
     over itself and the cached keys and values of its earlier positions (those within
@@ -322,6 +330,12 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), packing)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
+  def prefill(self, x_BxTxD):
+    """`__call__` and the decoding cache of its attention (`Attention.prefill`)."""
+    a_BxTxD, cache = self.attn.prefill(self.attn_norm(x_BxTxD))
+    x_BxTxD = x_BxTxD + a_BxTxD
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+
   def step(self, x_Bx1xD, cache, pos_B, write_B=None, entries: bool = False):
     """One new position per row over a key/value cache: `Attention.step`, or with
     `entries`, `Attention.step_entries`."""
@@ -355,6 +369,15 @@ class Transformer(nnx.Module):
     for block in self.blocks:
       x_BxTxD = apply_block(block, x_BxTxD, packing)
     return self.norm(x_BxTxD)
+
+  def prefill(self, x_BxTxD):
+    """`__call__` over whole windows, and the decoding caches of their positions, one per
+    block, from which `step` goes on at any position."""
+    caches = []
+    for block in self.blocks:
+      x_BxTxD, cache = block.prefill(x_BxTxD)
+      caches.append(cache)
+    return self.norm(x_BxTxD), caches
 
   def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> list:
     """Empty key/value caches of `length` positions, one per block, for `step`."""

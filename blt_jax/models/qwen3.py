@@ -110,6 +110,10 @@ class Qwen3Attention(nnx.Module):
     self.k_norm = layers.RMSNorm(K, eps=cfg.rms_norm_eps, rngs=rngs)
 
   def __call__(self, x_BxTxD, mask_TxS, positions_BxT):
+    return self.prefill(x_BxTxD, mask_TxS, positions_BxT)[0]
+
+  def prefill(self, x_BxTxD, mask_TxS, positions_BxT):
+    """`__call__`, and its keys and values as a decoding cache (each [B * G, T, K])."""
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
     H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -125,7 +129,9 @@ class Qwen3Attention(nnx.Module):
     s_BxGxRxTxS = jnp.where(mask_TxS, s_BxGxRxTxS, -1e30)
     p_BxGxRxTxS = jax.nn.softmax(s_BxGxRxTxS, axis=-1).astype(v_BxTxGxK.dtype)
     out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", p_BxGxRxTxS, v_BxTxGxK)
-    return self.o_proj(out_BxTxGxRxK.reshape(B, T, H * K))
+    rows = lambda a: layers.rows_of(a.transpose(0, 2, 1, 3))
+    return (self.o_proj(out_BxTxGxRxK.reshape(B, T, H * K)),
+            (rows(k_BxTxGxK), rows(v_BxTxGxK)))
 
   def init_cache(self, batch_size: int, length: int) -> tuple:
     """An empty key/value cache (k, v), each [B * G, S, K] (cache rows, see `layers`)."""
@@ -175,8 +181,13 @@ class Qwen3Layer(nnx.Module):
     self.mlp = Qwen3MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxTxD, mask_TxS, positions_BxT):
-    x_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), mask_TxS, positions_BxT)
-    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+    return self.prefill(x_BxTxD, mask_TxS, positions_BxT)[0]
+
+  def prefill(self, x_BxTxD, mask_TxS, positions_BxT):
+    a_BxTxD, cache = self.self_attn.prefill(self.input_layernorm(x_BxTxD), mask_TxS,
+                                            positions_BxT)
+    x_BxTxD = x_BxTxD + a_BxTxD
+    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
 
   def step(self, x_Bx1xD, cache, pos_B):
     a_Bx1xD, cache = self.self_attn.step(self.input_layernorm(x_Bx1xD), cache, pos_B)
@@ -220,6 +231,17 @@ class Qwen3(nnx.Module):
 
   def init_cache(self, batch_size: int, length: int) -> list:
     return [layer.self_attn.init_cache(batch_size, length) for layer in self.layers]
+
+  def prefill(self, ids_BxT):
+    """Logits [B, T, V] of whole windows, and the decoding caches of their positions."""
+    B, T = ids_BxT.shape
+    positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask_TxS = layers.causal_mask(T)
+    x_BxTxD, caches = self.embed_tokens(ids_BxT), []
+    for layer in self.layers:
+      x_BxTxD, cache = layer.prefill(x_BxTxD, mask_TxS, positions_BxT)
+      caches.append(cache)
+    return self.head(self.norm(x_BxTxD)), caches
 
   def step(self, ids_B, caches: list, pos_B):
     """Logits [B, V] of token ids_B[b] at position pos_B[b] of each row, from the key/value
@@ -489,6 +511,11 @@ class ByteQwen3(ByteModel):
 
   def init_cache(self, batch_size: int, length: int):
     return self.lm.init_cache(batch_size, length)
+
+  def prefill(self, ids_BxT, n_B, starts_BxT=None):
+    del n_B, starts_BxT  # every position's keys and values are the window's
+    logits_BxTxV, cache = self.lm.prefill(ids_BxT)
+    return logits_BxTxV[..., :BYTES], cache
 
   def decode_step(self, cache, ids_B, pos_B, starts_B=None):
     del starts_B  # no patches
