@@ -7,11 +7,12 @@ after that the window slides by S = 3T/4 whenever it is full, so a prediction se
 between T - S and T - 1 bytes (the rule the entropy cache scores documents by). The
 cached decoder and the uncached reference both follow it.
 
-The cached decoder. Every row holds its text in a buffer and steps through the positions
-of its current window, one per step, all rows at once: it feeds the input at position p
-(BOS, or byte s + p - 1) to every cache and gets the logits of byte s + p. A byte the row
-already knows (its prompt, or the retained quarter after the window slides) is read; the
-first unknown one is drawn and appended. For BLT the entropy model steps alongside, and
+The cached decoder. Every row holds its text in a buffer. The known bytes of each row's
+first window (its prompt) are read in one parallel pass (`ByteModel.prefill`); then the
+row steps through the positions of its window, one per step, all rows at once: it feeds
+the input at position p (BOS, or byte s + p - 1) to every cache and gets the logits of
+byte s + p. A byte the row already knows (the retained quarter after the window slides)
+is read; the first unknown one is drawn and appended. For BLT the entropy model steps alongside, and
 the patching rule decides from its entropy whether byte s + p starts a patch before the
 BLT step that needs it. Rows are independent: each has its own window, patches, key and
 end; a finished row idles until the batch is done. The steps run in a `lax.while_loop`,
@@ -265,25 +266,25 @@ class Decoder:
 
 def uncached_generate(next_logprobs: Callable[[bytes], np.ndarray], prompts: list[bytes],
                       options: Options, *, on_bytes=None):
-    """The reference: each byte from `next_logprobs(text)` (log p of the next byte given
-    the whole text so far, by the context rule), chosen as the decoder chooses. Same
-    results as `Decoder.generate(..., record=True)`, much slower."""
-    prompts = check_prompts(prompts)
-    keys = sampling.row_keys(options.seed, len(prompts))
-    opts = options.traced()
-    choose = jax.jit(sampling.choose)
-    out = []
-    for i, prompt in enumerate(prompts):
-      text, steps = bytearray(prompt), []
-      for _ in range(options.max_bytes):
-        logp_256 = np.asarray(next_logprobs(bytes(text)), np.float32)
-        steps.append(logp_256)
-        byte = int(choose(jnp.asarray(logp_256)[None], keys[i:i + 1],
-                          jnp.asarray([len(text)], jnp.int32), **opts)[0])
-        text.append(byte)
-        if on_bytes is not None:
-          on_bytes(i, bytes([byte]))
-        if options.stop and text[len(prompt):].endswith(options.stop):
-          break
-      out.append((bytes(text[len(prompt):]), np.stack(steps)))
-    return out
+  """The reference: each byte from `next_logprobs(text)` (log p of the next byte given
+  the whole text so far, by the context rule), chosen as the decoder chooses. Same
+  results as `Decoder.generate(..., record=True)`, much slower."""
+  prompts = check_prompts(prompts)
+  keys = sampling.row_keys(options.seed, len(prompts))
+  opts = options.traced()
+  choose = jax.jit(sampling.choose)
+  out = []
+  for i, prompt in enumerate(prompts):
+    text, steps = bytearray(prompt), []
+    for _ in range(options.max_bytes):
+      logp_256 = np.asarray(next_logprobs(bytes(text)), np.float32)
+      steps.append(logp_256)
+      byte = int(choose(jnp.asarray(logp_256)[None], keys[i:i + 1],
+                        jnp.asarray([len(text)], jnp.int32), **opts)[0])
+      text.append(byte)
+      if on_bytes is not None:
+        on_bytes(i, bytes([byte]))
+      if options.stop and text[len(prompt):].endswith(options.stop):
+        break
+    out.append((bytes(text[len(prompt):]), np.stack(steps)))
+  return out
