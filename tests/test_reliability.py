@@ -42,7 +42,12 @@ def test_kill_9_then_rerun_ends_bit_identical(unbroken, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *TINY,
                              f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    if delay == 4.0:  # the first kill lands mid-training, however fast this machine is
+      deadline = time.time() + 60
+      while not any((workdir / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
+        time.sleep(0.05)
+    else:
+      time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if delay == 4.0:  # the first kill cut the run short: there is work left to resume
