@@ -165,8 +165,10 @@ def test_stop_ends_a_row_at_the_stop_bytes(entropy_lm):
   stop = free[30:32]
   cut = free.index(stop) + len(stop)
   assert lm.generate([PROMPT, b"abc"], max_bytes=80, stop=stop)[0] == free[:cut]
-  assert lm.generate([PROMPT], max_bytes=80, stop=PROMPT[-3:])[0][:10] == free[:10]  # not
-  # the prompt's own bytes: the stop is looked for in the output only
+  straddling = PROMPT[-1:] + free[:1]  # prompt's last byte + the first output byte: the
+  # stop is looked for in the output only, so this does not end the row at byte 1
+  want = free[:free.index(straddling) + 2] if straddling in free else free
+  assert lm.generate([PROMPT], max_bytes=80, stop=straddling)[0] == want
 
 
 def test_context_rule_is_the_entropy_cache_windows():
