@@ -19,7 +19,7 @@ from blt_jax import models
 from blt_jax.constants import BOS, BYTES
 from blt_jax.errors import UserError
 from blt_jax.jobs import train as train_job
-from blt_jax.models import qwen3
+from blt_jax.models import hf_files, qwen3
 from blt_jax.resolved import Resolved
 from tests.conftest import tiny_config
 
@@ -49,7 +49,7 @@ def test_logits_match_transformers(name):
 
 def test_bf16_file_read_as_bf16_and_bf16_compute():
   folder, ids, ref = reference("qwen3_tiny_bf16")
-  tensors = qwen3.read_safetensors(folder / "model.safetensors")
+  tensors = hf_files.read_safetensors(folder / "model.safetensors")
   assert tensors["model.norm.weight"].dtype.name == "bfloat16"
   model = qwen3.from_pretrained(folder, dtype="bfloat16")
   assert model.embed_tokens.embedding[...].dtype.name == "bfloat16"
@@ -63,7 +63,7 @@ def test_sharded_checkpoint_and_old_rope_style(tmp_path):
   folder, ids, ref = reference("qwen3_tiny_untied")
   dst = tmp_path / "sharded"
   dst.mkdir()
-  tensors = qwen3.read_safetensors(folder / "model.safetensors")
+  tensors = hf_files.read_safetensors(folder / "model.safetensors")
   names = sorted(tensors)
   shards = {"model-00001-of-00002.safetensors": names[::2],
             "model-00002-of-00002.safetensors": names[1::2]}
@@ -76,7 +76,7 @@ def test_sharded_checkpoint_and_old_rope_style(tmp_path):
   hf = json.loads((folder / "config.json").read_text())
   hf["rope_theta"] = hf.pop("rope_parameters")["rope_theta"]  # transformers < 5 style
   (dst / "config.json").write_text(json.dumps(hf))
-  assert qwen3.checkpoint_names(dst) == set(names) == set(qwen3.read_checkpoint(dst))
+  assert hf_files.checkpoint_names(dst) == set(names) == set(hf_files.read_checkpoint(dst))
   model = qwen3.from_pretrained(dst)
   assert model.cfg.rope_theta == 1e4
   np.testing.assert_allclose(np.asarray(model(ids)), ref, atol=1e-4, rtol=0)
@@ -125,11 +125,11 @@ def test_error_not_safetensors(tmp_path):
 
 def test_error_shard_lacks_listed_tensor(tmp_path):
   dst = copy_fixture("qwen3_tiny", tmp_path)
-  names = qwen3.checkpoint_names(dst)
+  names = hf_files.checkpoint_names(dst)
   (dst / "model.safetensors").rename(dst / "shard.safetensors")
   weight_map = {name: "shard.safetensors" for name in [*names, "model.extra.weight"]}
   (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-  for read in (qwen3.checkpoint_names, qwen3.read_checkpoint):
+  for read in (hf_files.checkpoint_names, hf_files.read_checkpoint):
     with pytest.raises(UserError, match="shard.safetensors lacks tensor model.extra.weight$"):
       read(dst)
 
@@ -165,7 +165,7 @@ def test_error_shape_mismatch(tmp_path):
 
 def test_error_missing_tensor(tmp_path):
   dst = copy_fixture("qwen3_tiny_untied", tmp_path)
-  tensors = qwen3.read_safetensors(dst / "model.safetensors")
+  tensors = hf_files.read_safetensors(dst / "model.safetensors")
   del tensors["lm_head.weight"]
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
             str(dst / "model.safetensors"))
@@ -206,8 +206,9 @@ def byte_inputs(token_ids, input_ids):
 def test_resolve_reads_shape_from_checkpoint(tmp_path, monkeypatch, name):
   dst, _ = with_tokenizer(name, tmp_path)
   hf = json.loads((dst / "config.json").read_text())
-  for read in ("read_safetensors", "read_checkpoint"):  # tensor names only, no weights
-    monkeypatch.setattr(qwen3, read, lambda *a, **k: pytest.fail("read weights"))
+  for module, read in ((hf_files, "read_safetensors"), (hf_files, "read_checkpoint"),
+                       (qwen3, "read_checkpoint")):  # tensor names only, no weights
+    monkeypatch.setattr(module, read, lambda *a, **k: pytest.fail("read weights"))
   cfg = qwen3.ByteQwen3Config(path=str(dst), dtype="bfloat16", remat=True)
   resolved = qwen3.ByteQwen3Config.resolve(cfg)
   expected = {k: hf[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",

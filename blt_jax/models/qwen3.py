@@ -22,12 +22,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 from flax import nnx
 
 from blt_jax.constants import BYTES, INPUT_VOCAB
 from blt_jax.errors import UserError
 from blt_jax.models import flops, layers
+from blt_jax.models.hf_files import (check_present, checkpoint_names, listing,
+                                     read_checkpoint, read_hf_config)
 from blt_jax.models.interface import ByteModel
 
 
@@ -256,88 +257,6 @@ class Qwen3(nnx.Module):
 
 # ----------------------------------------------------------------------------- loading
 
-def _listing(names) -> str:
-  """The first of sorted `names`, and how many more there are."""
-  more = len(names) - 1
-  return names[0] + (f" (and {more} more)" if more else "")
-
-
-def _check_present(names, present, source):
-  missing = sorted(set(names) - set(present))
-  if missing:
-    raise UserError(f"{source} lacks tensor {_listing(missing)}")
-
-
-def _open(file: Path):
-  """One safetensors file, opened (a context manager); tensors come back as jax arrays."""
-  if not file.is_file():
-    raise UserError(f"missing safetensors file {file}")
-  try:
-    return safetensors.safe_open(str(file), framework="flax")
-  except safetensors.SafetensorError as e:
-    raise UserError(f"{file} is not a safetensors file ({' '.join(str(e).split())})") from None
-
-
-def read_safetensors(file: str | Path, names=None) -> dict[str, jax.Array]:
-  """Tensors of one .safetensors file (all, or those in `names`) in their stored dtype."""
-  file = Path(file)
-  with _open(file) as f:
-    present = f.keys()
-    names = present if names is None else sorted(names)
-    _check_present(names, present, file)
-    return {name: f.get_tensor(name) for name in names}
-
-
-def _checkpoint_files(path: Path) -> dict[Path, set[str] | None]:
-  """Safetensors files of a HF directory -> the tensors to read from each (None: all)."""
-  single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-  if single.is_file():
-    return {single: None}
-  if not index.is_file():
-    raise UserError(f"missing weights: no model.safetensors or model.safetensors.index.json "
-                    f"in {path}")
-  try:
-    weight_map = dict(json.loads(index.read_text())["weight_map"])
-  except (ValueError, KeyError, TypeError):
-    raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
-  files = {}
-  for name, shard in weight_map.items():
-    files.setdefault(path / shard, set()).add(name)
-  return files
-
-
-def read_checkpoint(path: str | Path) -> dict[str, jax.Array]:
-  """All tensors of a HF directory: model.safetensors or the shards of its index."""
-  out = {}
-  for file, names in _checkpoint_files(Path(path)).items():
-    out.update(read_safetensors(file, names))
-  return out
-
-
-def checkpoint_names(path: str | Path) -> set[str]:
-  """Tensor names of a HF directory, from the file headers (reads no tensor data)."""
-  out = set()
-  for file, names in _checkpoint_files(Path(path)).items():
-    with _open(file) as f:
-      present = set(f.keys())
-    _check_present(names or (), present, file)
-    out |= present if names is None else names
-  return out
-
-
-def read_hf_config(path: str | Path) -> dict:
-  path = Path(path)
-  if not path.is_dir():
-    raise UserError(f"missing Qwen3 checkpoint directory {path}")
-  file = path / "config.json"
-  if not file.is_file():
-    raise UserError(f"missing config.json in {path}")
-  try:
-    return json.loads(file.read_text())
-  except ValueError as e:
-    raise UserError(f"bad JSON in {file}: {e}")
-
-
 def hf_param_names(cfg: Qwen3Config) -> dict[str, tuple[tuple, bool]]:
   """HF tensor name -> (attribute path in `Qwen3`, transpose from torch [out, in])."""
   out = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
@@ -372,10 +291,10 @@ def load_weights(model: Qwen3, tensors: dict, source="checkpoint"):
   shapes."""
   cfg = model.cfg
   expected = hf_param_names(cfg)
-  _check_present(expected, tensors, source)
+  check_present(expected, tensors, source)
   extra = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
   if extra:
-    raise UserError(f"{source} has unexpected tensor {_listing(extra)}")
+    raise UserError(f"{source} has unexpected tensor {listing(extra)}")
   for name, (path, transpose) in expected.items():
     var = _variable(model, path)
     want = tuple(var.get_value().shape)
@@ -398,7 +317,7 @@ def pretrained_config(path: str | Path, **overrides) -> Qwen3Config:
   if "tie_word_embeddings" not in hf:  # absent: tied iff the file has no separate head
     overrides.setdefault("tie_word_embeddings", "lm_head.weight" not in names)
   cfg = Qwen3Config.from_hf(hf, **overrides)
-  _check_present(hf_param_names(cfg), names, path)
+  check_present(hf_param_names(cfg), names, path)
   return cfg
 
 
