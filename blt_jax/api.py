@@ -11,6 +11,7 @@ from flax import nnx
 
 from blt_jax import checkpoint, data as data_lib, decode, models
 from blt_jax.constants import BYTES
+from blt_jax.models import vocab
 from blt_jax.patcher import DocumentPatcher
 from blt_jax.resolved import Resolved
 
@@ -44,16 +45,16 @@ class LanguageModel:
     graphdef, self.state = nnx.split(model)
 
     def logprobs(state, batch):
-      return jax.nn.log_softmax(nnx.merge(graphdef, state).logits(batch), axis=-1)
+      return vocab.byte_logprobs(nnx.merge(graphdef, state).logits(batch))
     self._logprobs = jax.jit(logprobs)
 
     def entropies(state, inputs):
-      logp = logprobs(state, {"inputs": inputs})
-      return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+      return vocab.entropy(nnx.merge(graphdef, state).logits({"inputs": inputs}))
     self._entropies = jax.jit(entropies)
 
   def entropies(self, inputs_BxT) -> jax.Array:
-    """Next-byte entropies (nats) [B, T] of a byte LM for BOS-led input windows."""
+    """Next-byte entropies (nats) [B, T] of a byte LM for BOS-led input windows (over its
+    whole vocabulary: the released BLT patcher's 260 tokens)."""
     return self._entropies(self.state, jnp.asarray(inputs_BxT))
 
   def windows(self, data: bytes) -> dict[str, np.ndarray]:

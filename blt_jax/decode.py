@@ -31,6 +31,7 @@ from flax import nnx
 from blt_jax import patching, sampling
 from blt_jax.constants import BOS, BYTES
 from blt_jax.errors import UserError
+from blt_jax.models import vocab
 from blt_jax.resolved import PatchRule
 
 LENGTH_BUCKET = 128  # text buffers are rounded up to a multiple of this: fewer compiles
@@ -120,8 +121,7 @@ class Decoder:
       if self.uses_entropy:
         e_logits_Bx256, new["ent"] = nnx.merge(self.e_graphdef, e_params).decode_step(
             st["ent"], ids_B, p_B)
-        logp_Bx256 = jax.nn.log_softmax(e_logits_Bx256, axis=-1)
-        h_B = -jnp.sum(jnp.exp(logp_Bx256) * logp_Bx256, axis=-1)
+        h_B = vocab.entropy(e_logits_Bx256)
       starts_B, new["since"] = patching.next_start(
           p_B, mode=rule.mode, threshold=rule.threshold or 0.0, patch_size=rule.patch_size,
           max_patch_len=rule.max_patch_len, h_B=h_B, prev_h_B=st["prev_h"],
@@ -134,7 +134,7 @@ class Decoder:
 
     # Draw the byte where it is the row's next unknown one.
     drawing_B = (q_B == n_B) & ~st["done"]
-    logp_Bx256 = jax.nn.log_softmax(logits_Bx256, axis=-1)
+    logp_Bx256 = vocab.byte_logprobs(logits_Bx256)
     byte_B = sampling.choose(logp_Bx256, st["keys"], st["offset"] + q_B, **opts)
     at_B = jnp.clip(q_B, 0, L - 1)
     new["text"] = text_BxL.at[rows_B, at_B].set(
@@ -175,8 +175,7 @@ class Decoder:
       h_BxT = jnp.zeros((B, T), jnp.float32)
       if self.uses_entropy:
         e_logits_BxTx256, new["ent"] = nnx.merge(self.e_graphdef, e_params).prefill(ids_BxT, m_B)
-        logp_BxTx256 = jax.nn.log_softmax(e_logits_BxTx256, axis=-1)
-        h_BxT = -jnp.sum(jnp.exp(logp_BxTx256) * logp_BxTx256, axis=-1)
+        h_BxT = vocab.entropy(e_logits_BxTx256)
       starts_BxT = patching.patch_starts(
           h_BxT, mode=rule.mode, threshold=rule.threshold or 0.0, patch_size=rule.patch_size,
           data=at(t_T), max_patch_len=rule.max_patch_len)

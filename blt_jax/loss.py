@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
+
+from blt_jax.models import vocab
 
 
 def token_stats(logits_BxTxV, batch, axis=None):
   """Sums over real target bytes only: (nll in nats, correct predictions, count), over
-  `axis` (default: all; `()`: per byte, zero at padding)."""
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  `axis` (default: all; `()`: per byte, zero at padding). The byte log-probabilities are
+  the log-softmax over the byte logits (a model's last 256)."""
+  logp_BxTxV = vocab.byte_logprobs(logits_BxTxV)
   targets_BxT = batch["targets"]
   nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
   mask_BxT = batch["mask"].astype(jnp.float32)

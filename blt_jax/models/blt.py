@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blt_jax import patching
-from blt_jax.constants import BYTES, INPUT_VOCAB
-from blt_jax.models import flops, layers, slot_packing
-from blt_jax.models.hash_embed import PAD_ID, HashEmbed
+from blt_jax.models import flops, layers, slot_packing, vocab
+from blt_jax.models.hash_embed import HashEmbed
 from blt_jax.models.interface import ByteModel
+from blt_jax.models.vocab import PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +51,29 @@ class BLTConfig:
                                  # packed, when the batch's patches fit; 1.0 = never pack
   mlp_ratio: float = 4.0
   rope_theta: float = 10000.0
+  global_rope_theta: float = 0.0  # the global transformer's RoPE base; 0 = rope_theta
+  enc_mlp_dim: int = 0           # SwiGLU widths of each stack; 0 = from mlp_ratio
+  global_mlp_dim: int = 0
+  dec_mlp_dim: int = 0
+  norm_eps: float = 1e-6         # RMSNorm epsilon
+  # Where the released BLT (facebookresearch/blt, transformers' BltForCausalLM) differs
+  # from blt-jax's own choices (README: "The released BLT"); configs/blt_paper.py sets all.
+  vocab: str = "bytes"           # 'bytes' | 'blt': the released 260 tokens (models/vocab.py)
+  hash_style: str = "mix32"      # 'mix32' | 'blt' (models/hash_embed.py); 'blt' also sums
+                                 # the embeddings unscaled (mix32 scales by 1/sqrt(tables))
+  hash_functions: int = 1        # 'blt' hashing: hash functions per n-gram size
+  cross_style: str = "blt_jax"   # 'blt_jax' | 'blt': encoder slots of width enc_dim,
+                                 # RMSNorm on both sides, the query added twice
+  dec_cross_all_layers: bool = False  # the decoder cross-attends before every layer
+  inner_norms: bool = True       # final norms on the encoder and global outputs
+  init_from: str = ""            # a BltForCausalLM folder: its shape, and weights to start from
   dtype: str = "float32"         # compute dtype; parameters stay float32
   remat: bool = False            # recompute block activations in the backward pass
+
+  @property
+  def slot_dim(self) -> int:
+    """S: the width of the k encoder slots of a patch."""
+    return self.enc_dim if self.cross_style == "blt" else self.global_dim // self.cross_attn_k
 
   def __post_init__(self):
     ngrams = self.hash_ngrams
@@ -61,11 +82,15 @@ class BLTConfig:
     object.__setattr__(self, "hash_ngrams", tuple(int(n) for n in ngrams))
     if self.pooling not in ("max", "mean"):
       raise ValueError(f"pooling must be 'max' or 'mean', got {self.pooling!r}")
-    if self.global_dim % self.cross_attn_k:
+    vocab.check(self.vocab)
+    if self.cross_style not in ("blt_jax", "blt"):
+      raise ValueError(f"cross_style must be 'blt_jax' or 'blt', got {self.cross_style!r}")
+    if self.cross_style == "blt_jax" and self.global_dim % self.cross_attn_k:
       raise ValueError(f"global_dim {self.global_dim} is not divisible by "
                        f"cross_attn_k {self.cross_attn_k}")
-    slot_dim = self.global_dim // self.cross_attn_k
-    for name, width in (("global_dim // cross_attn_k", slot_dim), ("dec_dim", self.dec_dim)):
+    if self.dec_layers < 1:
+      raise ValueError(f"dec_layers must be >= 1, got {self.dec_layers}")
+    for name, width in (("the slot width", self.slot_dim), ("dec_dim", self.dec_dim)):
       if width % self.cross_heads:
         raise ValueError(f"{name} = {width} is not divisible by cross_heads {self.cross_heads}")
     if not 0.0 < self.global_capacity <= 1.0:
@@ -154,14 +179,22 @@ class CrossAttention(nnx.Module):
   """Pre-norm residual cross-attention without RoPE, x + attn(norm(x), kv), between bytes and
   patch slots, where each query sees only its own patch: `patch_ids_BxT` is the input patch
   of each position (encoder: slots query bytes) or the global patch it reads (decoder:
-  bytes query slots)."""
+  bytes query slots). The released BLT's (`released`): kv is normalised too, and the
+  output is 2x + attn(norm(x), norm(kv)) (its residual is added inside and outside)."""
 
   def __init__(self, dim: int, kv_dim: int, n_heads: int, k: int, *, slots_query: bool,
-               dtype, rngs: nnx.Rngs):
-    self.norm = layers.RMSNorm(dim, rngs=rngs)
+               released: bool = False, norm_eps: float = 1e-6, dtype, rngs: nnx.Rngs):
+    self.norm = layers.RMSNorm(dim, eps=norm_eps, rngs=rngs)
+    self.kv_norm = layers.RMSNorm(kv_dim, eps=norm_eps, rngs=rngs) if released else None
     self.attn = layers.Attention(dim, n_heads, kv_dim=kv_dim, use_rope=False, dtype=dtype,
                                  rngs=rngs)
-    self.k, self.slots_query = k, slots_query
+    self.k, self.slots_query, self.released = k, slots_query, released
+
+  def _residual(self, x, out):
+    return (2 * x if self.released else x) + out
+
+  def _kv(self, kv_BxMxE):
+    return kv_BxMxE if self.kv_norm is None else self.kv_norm(kv_BxMxE)
 
   def keys_values(self, kv_BxMxE) -> tuple:
     """The projected keys and values of the other sequence, each [B * H, M, K] (cache rows,
@@ -169,7 +202,7 @@ class CrossAttention(nnx.Module):
     B, M, _ = kv_BxMxE.shape
     H = self.attn.n_heads
     rows = lambda a: layers.rows_of(a.reshape(B, M, H, -1).transpose(0, 2, 1, 3))
-    k_BxMxD, v_BxMxD = jnp.split(self.attn.kv(kv_BxMxE), 2, axis=-1)
+    k_BxMxD, v_BxMxD = jnp.split(self.attn.kv(self._kv(kv_BxMxE)), 2, axis=-1)
     return rows(k_BxMxD), rows(v_BxMxD)
 
   def attend(self, x_BxLxD, kv: tuple, mask_BxLxM=None):
@@ -181,10 +214,11 @@ class CrossAttention(nnx.Module):
     q_NxLxK = layers.rows_of(q_BxLxD.reshape(B, L, H, D // H).transpose(0, 2, 1, 3))
     mask = True if mask_BxLxM is None else layers.per_head(mask_BxLxM, H)
     out_NxLxK = layers.masked_attention(q_NxLxK, kv[0], kv[1], mask)
-    return x_BxLxD + self.attn.output(out_NxLxK.reshape(B, H, L, -1).transpose(0, 2, 1, 3))
+    return self._residual(x_BxLxD, self.attn.output(
+        out_NxLxK.reshape(B, H, L, -1).transpose(0, 2, 1, 3)))
 
   def __call__(self, x_BxLxD, kv_BxMxE, patch_ids_BxT):
-    q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = self.attn.project(self.norm(x_BxLxD), kv_BxMxE)
+    q_BxLxHxK, k_BxMxHxK, v_BxMxHxK = self.attn.project(self.norm(x_BxLxD), self._kv(kv_BxMxE))
     if self.slots_query:  # L = P * k slots, M = T bytes
       B, L, H, K = q_BxLxHxK.shape
       out_BxPxkxHxK = slots_attend_own_patch(q_BxLxHxK.reshape(B, L // self.k, self.k, H, K),
@@ -195,7 +229,7 @@ class CrossAttention(nnx.Module):
       to_patches = lambda a: a.reshape(B, M // self.k, self.k, H, K)
       out_BxLxHxK = bytes_attend_own_slots(q_BxLxHxK, to_patches(k_BxMxHxK),
                                            to_patches(v_BxMxHxK), patch_ids_BxT)
-    return x_BxLxD + self.attn.output(out_BxLxHxK)
+    return self._residual(x_BxLxD, self.attn.output(out_BxLxHxK))
 
 
 class BLT(ByteModel):
@@ -206,39 +240,66 @@ class BLT(ByteModel):
   def __init__(self, cfg: BLTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.dtype)
-    E, G, D, k = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k
-    tf = dict(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta, dtype=dtype,
-              remat=cfg.remat, rngs=rngs)
-    self.embed = nnx.Embed(INPUT_VOCAB, E, dtype=dtype, param_dtype=jnp.float32,
+    E, G, D, k, S = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k, cfg.slot_dim
+    released = cfg.cross_style == "blt"
+    tf = dict(mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+              dtype=dtype, remat=cfg.remat, rngs=rngs)
+    cross = dict(released=released, norm_eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    self.embed = nnx.Embed(vocab.input_rows(cfg.vocab), E, dtype=dtype,
+                           param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
-    self.hash_embed = (HashEmbed(cfg.hash_ngrams, cfg.hash_buckets, E, dtype=dtype, rngs=rngs)
+    self.hash_embed = (HashEmbed(cfg.hash_ngrams, cfg.hash_buckets, E, style=cfg.hash_style,
+                                 functions=cfg.hash_functions, vocab_name=cfg.vocab,
+                                 dtype=dtype, rngs=rngs)
                        if cfg.hash_ngrams else None)
     self.encoder = layers.Transformer(E, cfg.enc_layers, cfg.enc_heads, window=cfg.enc_window,
-                                      **tf)
-    # Patch vectors: pooled encoder states -> k query slots of width G/k -> cross-attention.
-    self.enc_slots = layers.dense(E, G, rngs=rngs, dtype=dtype)
-    self.enc_cross = CrossAttention(G // k, E, cfg.cross_heads, k, slots_query=True,
-                                    dtype=dtype, rngs=rngs)
-    self.global_tf = layers.Transformer(G, cfg.global_layers, cfg.global_heads, **tf)
-    # Decoder: bytes (from encoder states) cross-attend to the k slots of their patch.
+                                      mlp_dim=cfg.enc_mlp_dim, final_norm=cfg.inner_norms, **tf)
+    # Patch vectors: pooled encoder states -> k query slots of width S -> cross-attention.
+    self.enc_slots = layers.dense(E, k * S, rngs=rngs, dtype=dtype)
+    self.enc_cross = CrossAttention(S, E, cfg.cross_heads, k, slots_query=True, **cross)
+    self.global_in = layers.dense(k * S, G, rngs=rngs, dtype=dtype) if k * S != G else None
+    self.global_tf = layers.Transformer(
+        G, cfg.global_layers, cfg.global_heads, mlp_dim=cfg.global_mlp_dim,
+        final_norm=cfg.inner_norms, **{**tf, "rope_theta": cfg.global_rope_theta or cfg.rope_theta})
+    # Decoder: bytes (from encoder states) cross-attend to the k slots of their patch,
+    # before its first layer (or before every layer).
     self.dec_slots = layers.dense(G, k * D, rngs=rngs, dtype=dtype)
     self.enc_to_dec = layers.dense(E, D, rngs=rngs, dtype=dtype) if E != D else None
-    self.dec_cross = CrossAttention(D, D, cfg.cross_heads, k, slots_query=False, dtype=dtype,
-                                    rngs=rngs)
+    self.dec_cross = CrossAttention(D, D, cfg.cross_heads, k, slots_query=False, **cross)
+    self.dec_cross_rest = (nnx.List([
+        CrossAttention(D, D, cfg.cross_heads, k, slots_query=False, **cross)
+        for _ in range(cfg.dec_layers - 1)]) if cfg.dec_cross_all_layers else None)
     self.decoder = layers.Transformer(D, cfg.dec_layers, cfg.dec_heads, window=cfg.dec_window,
-                                      **tf)
-    self.head = layers.dense(D, BYTES, rngs=rngs, dtype=dtype)
+                                      mlp_dim=cfg.dec_mlp_dim, **tf)
+    self.head = layers.dense(D, vocab.output_columns(cfg.vocab), rngs=rngs, dtype=dtype)
+
+  def global_input(self, z_BxPxkS):
+    """The global transformer's input [B, P, G] from the k slots of each patch."""
+    return z_BxPxkS if self.global_in is None else self.global_in(z_BxPxkS)
+
+  def cross_before(self, slots_BxPkxD, g_BxT):
+    """The decoder's `before` hook: layer i's input cross-attends (when it has a
+    cross-attention) to the k slots of global patch g (complete patches only)."""
+    crosses = self.dec_crosses
+    return lambda i, d: crosses[i](d, slots_BxPkxD, g_BxT) if i < len(crosses) else d
+
+  @property
+  def dec_crosses(self) -> list:
+    """The decoder's cross-attentions, the one before layer i at i."""
+    return [self.dec_cross] + list(self.dec_cross_rest or [])
 
   def embed_inputs(self, inputs_BxT, context_BxN=None):
-    """[B, T, E]: byte embedding plus hash n-gram embeddings, sum scaled by 1/sqrt(#tables).
-    With `context` (the ids that end at each row's last input, PAD_ID before the window),
-    inputs is one id per row [B, 1] and its n-grams are hashed from that context."""
-    x_BxTxE = self.embed(inputs_BxT)
+    """[B, T, E]: byte embedding plus hash n-gram embeddings (their sum scaled by
+    1/sqrt(#tables) for mix32 hashing). With `context` (the ids that end at each row's
+    last input, PAD_ID before the window), inputs is one id per row [B, 1] and its n-grams
+    are hashed from that context."""
+    x_BxTxE = self.embed(vocab.tokens(inputs_BxT, self.cfg.vocab))
     if self.hash_embed is not None:
-      n_tables = 1 + len(self.cfg.hash_ngrams)
       hashed_BxTxE = (self.hash_embed(inputs_BxT) if context_BxN is None
                       else self.hash_embed(context_BxN)[:, -1:])
-      x_BxTxE = (x_BxTxE + hashed_BxTxE) * (n_tables ** -0.5)
+      x_BxTxE = x_BxTxE + hashed_BxTxE
+      if self.cfg.hash_style == "mix32":
+        x_BxTxE = x_BxTxE * ((1 + self.hash_embed.n_tables) ** -0.5)
     return x_BxTxE
 
   def __call__(self, inputs_BxT, patch_lengths_BxP, packed: bool = False, shards: int = 1):
@@ -271,7 +332,8 @@ class BLT(ByteModel):
             "count": zeros(B, dtype=jnp.int32),           # ... over the input patch so far
             "from": zeros(B, dtype=jnp.int32),            # its first position
             "g": zeros(B, dtype=jnp.int32),               # patch of the last target
-            "slots": self.dec_cross.attn.init_cache(B, cfg.cross_attn_k, dtype)}  # of patch g
+            "slots": [c.attn.init_cache(B, cfg.cross_attn_k, dtype)  # of patch g, per
+                      for c in self.dec_crosses]}                   # cross-attention
 
   def prefill(self, ids_BxT, n_B, starts_BxT=None):
     cfg, k = self.cfg, self.cfg.cross_attn_k
@@ -286,12 +348,12 @@ class BLT(ByteModel):
     # The window's forward (as `forward_embedded`), keeping every stack's cache.
     h_BxTxE, enc = self.encoder.prefill(self.embed_inputs(ids_BxT))
     q_BxPkxS = self.enc_slots(pool_patches(h_BxTxE, ip_BxT, P, cfg.pooling)).reshape(B, P * k, -1)
-    z_BxPxG = self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT).reshape(B, P, -1)
+    z_BxPxG = self.global_input(self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT).reshape(B, P, -1))
     z_BxPxG, glob = self.global_tf.prefill(z_BxPxG)
     slots_BxPxkxD = self.dec_slots(z_BxPxG).reshape(B, P, k, -1)
     d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
-    d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPxkxD.reshape(B, P * k, -1), g_BxT)
-    d_BxTxD, dec = self.decoder.prefill(d_BxTxD)
+    d_BxTxD, dec = self.decoder.prefill(
+        d_BxTxD, before=self.cross_before(slots_BxPxkxD.reshape(B, P * k, -1), g_BxT))
 
     # The state after the last position: its patch g, whose slots the decoder reads, and
     # the open input patch (the positions since the last patch start; none when the last
@@ -309,7 +371,7 @@ class BLT(ByteModel):
              "pool": pool_BxE,
              "count": jnp.where(started_B, 0, jnp.sum(open_BxT, axis=1)).astype(jnp.int32),
              "from": jnp.argmax(open_BxT, axis=1).astype(jnp.int32), "g": g_B,
-             "slots": self.dec_cross.keys_values(slots_BxPxkxD[rows_B, g_B])}
+             "slots": [c.keys_values(slots_BxPxkxD[rows_B, g_B]) for c in self.dec_crosses]}
     return self.head(d_BxTxD).astype(jnp.float32), cache
 
   def decode_step(self, cache, ids_B, pos_B, starts_B=None):
@@ -378,20 +440,23 @@ class BLT(ByteModel):
     q_BxkxS = self.enc_slots(pooled_BxE[:, None].astype(self.enc_slots.kernel.dtype))
     q_BxkxS = q_BxkxS.reshape(B, k, -1).astype(enc["kv"][0].dtype)
     z_BxkxS = self.enc_cross.attend(q_BxkxS, enc["kv"], in_patch_BxT[:, None, :])
-    z_Bx1xG, glob = self.global_tf.step(z_BxkxS.reshape(B, 1, -1), cache["glob"], new_g_B,
+    z_Bx1xG, glob = self.global_tf.step(self.global_input(z_BxkxS.reshape(B, 1, -1)),
+                                        cache["glob"], new_g_B,
                                         write_B=new_patch_B, entries=entries)
     slots_BxkxD = self.dec_slots(z_Bx1xG).reshape(B, k, -1)
     new_N = layers.per_head(new_patch_B, self.dec_cross.attn.n_heads)
-    slots = tuple(jnp.where(new_N[:, None, None], new, old) for new, old in
-                  zip(self.dec_cross.keys_values(slots_BxkxD), cache["slots"]))
+    slots = [tuple(jnp.where(new_N[:, None, None], new, old) for new, old in
+                   zip(c.keys_values(slots_BxkxD), kv))
+             for c, kv in zip(self.dec_crosses, cache["slots"])]
     return slots, glob
 
   def decode_position(self, h_Bx1xE, slots, dec_cache, pos_B):
     """Next-byte logits [B, 256] of the new position, which reads the slots of its patch
     (their keys and values), and the decoder caches with it written."""
     d_Bx1xD = h_Bx1xE if self.enc_to_dec is None else self.enc_to_dec(h_Bx1xE)
-    d_Bx1xD = self.dec_cross.attend(d_Bx1xD, slots)
-    d_Bx1xD, dec_cache = self.decoder.step(d_Bx1xD, dec_cache, pos_B)
+    crosses = self.dec_crosses
+    before = lambda i, d: crosses[i].attend(d, slots[i]) if i < len(crosses) else d
+    d_Bx1xD, dec_cache = self.decoder.step(d_Bx1xD, dec_cache, pos_B, before=before)
     return self.head(d_Bx1xD)[:, 0].astype(jnp.float32), dec_cache
 
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
@@ -440,7 +505,7 @@ class BLT(ByteModel):
     pooled_BxPxE = pool_patches(h_BxTxE, ip_BxT, P, cfg.pooling)
     q_BxPkxS = self.enc_slots(pooled_BxPxE).reshape(B, P * k, -1)
     q_BxPkxS = self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT)
-    z_BxPxG = q_BxPkxS.reshape(B, P, -1)
+    z_BxPxG = self.global_input(q_BxPkxS.reshape(B, P, -1))
 
     # Global transformer: causal over patches; then the decoder's k slots per patch.
     if packed:
@@ -453,6 +518,5 @@ class BLT(ByteModel):
     # Local decoder: byte i reads the k slots of global patch g[i] (complete patches only).
     slots_BxPkxD = slots_BxPxkD.reshape(B, P * k, -1)
     d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
-    d_BxTxD = self.dec_cross(d_BxTxD, slots_BxPkxD, g_BxT)
-    d_BxTxD = self.decoder(d_BxTxD)
+    d_BxTxD = self.decoder(d_BxTxD, before=self.cross_before(slots_BxPkxD, g_BxT))
     return self.head(d_BxTxD).astype(jnp.float32)

@@ -6,8 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from blt_jax.constants import BYTES, INPUT_VOCAB
-from blt_jax.models import flops, layers
+from blt_jax.models import flops, layers, vocab
 from blt_jax.models.interface import ByteModel
 
 
@@ -19,25 +18,34 @@ class ByteLMConfig:
   mlp_ratio: float = 4.0
   window: int = 0            # sliding-window attention span in bytes; 0 = full causal
   rope_theta: float = 10000.0
+  mlp_dim: int = 0           # SwiGLU width; 0 = from mlp_ratio
+  norm_eps: float = 1e-6     # RMSNorm epsilon
+  vocab: str = "bytes"       # 'bytes' | 'blt': the released BLT's 260 tokens (its patcher)
   dtype: str = "float32"     # compute dtype; parameters stay float32
   remat: bool = False        # recompute block activations in the backward pass
 
 
 class ByteLM(ByteModel):
-  """Maps input ids [B, T] (BOS first) to next-byte logits [B, T, 256]."""
+  """Maps input ids [B, T] (BOS first) to next-byte logits [B, T, V] (`vocab`)."""
 
   def __init__(self, cfg: ByteLMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    vocab.check(cfg.vocab)
     dtype = jnp.dtype(cfg.dtype)
-    self.embed = nnx.Embed(INPUT_VOCAB, cfg.dim, dtype=dtype, param_dtype=jnp.float32,
+    self.embed = nnx.Embed(vocab.input_rows(cfg.vocab), cfg.dim, dtype=dtype,
+                           param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, window=cfg.window,
-                                    mlp_ratio=cfg.mlp_ratio, rope_theta=cfg.rope_theta,
+                                    mlp_ratio=cfg.mlp_ratio, mlp_dim=cfg.mlp_dim,
+                                    rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
                                     dtype=dtype, remat=cfg.remat, rngs=rngs)
-    self.head = layers.dense(cfg.dim, BYTES, rngs=rngs, dtype=dtype)
+    self.head = layers.dense(cfg.dim, vocab.output_columns(cfg.vocab), rngs=rngs, dtype=dtype)
+
+  def tokens_embedded(self, ids_BxT):
+    return self.embed(vocab.tokens(ids_BxT, self.cfg.vocab))
 
   def __call__(self, inputs_BxT):
-    x_BxTxD = self.trunk(self.embed(inputs_BxT))
+    x_BxTxD = self.trunk(self.tokens_embedded(inputs_BxT))
     return self.head(x_BxTxD).astype(jnp.float32)
 
   def init_cache(self, batch_size: int, length: int):
@@ -45,12 +53,12 @@ class ByteLM(ByteModel):
 
   def prefill(self, ids_BxT, n_B, starts_BxT=None):
     del n_B, starts_BxT  # every position's keys and values are the window's
-    x_BxTxD, cache = self.trunk.prefill(self.embed(ids_BxT))
+    x_BxTxD, cache = self.trunk.prefill(self.tokens_embedded(ids_BxT))
     return self.head(x_BxTxD).astype(jnp.float32), cache
 
   def decode_step(self, cache, ids_B, pos_B, starts_B=None):
     del starts_B  # no patches
-    x_Bx1xD, cache = self.trunk.step(self.embed(ids_B[:, None]), cache, pos_B)
+    x_Bx1xD, cache = self.trunk.step(self.tokens_embedded(ids_B[:, None]), cache, pos_B)
     return self.head(x_Bx1xD)[:, 0].astype(jnp.float32), cache
 
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:

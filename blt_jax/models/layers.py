@@ -319,12 +319,13 @@ class Block(nnx.Module):
   """Pre-norm transformer block: causal attention then SwiGLU, each with a residual."""
 
   def __init__(self, dim: int, n_heads: int, *, window: int = 0, mlp_ratio: float = 4.0,
-               rope_theta: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(dim, rngs=rngs)
+               mlp_dim: int = 0, rope_theta: float = 10000.0, norm_eps: float = 1e-6,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(dim, eps=norm_eps, rngs=rngs)
     self.attn = Attention(dim, n_heads, rope_theta=rope_theta, window=window, dtype=dtype,
                           rngs=rngs)
-    self.mlp_norm = RMSNorm(dim, rngs=rngs)
-    self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio), dtype=dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(dim, eps=norm_eps, rngs=rngs)
+    self.mlp = SwiGLU(dim, mlp_dim or mlp_hidden(dim, mlp_ratio), dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxTxD, packing=None):
     x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), packing)
@@ -347,49 +348,62 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """A stack of causal blocks (attention span `window`; 0 = full), then a final norm.
+  """A stack of causal blocks (attention span `window`; 0 = full), then a final norm (unless
+  `final_norm` is False). `mlp_dim`: the SwiGLU width (0: from `mlp_ratio`).
 
   With `remat`, each block's activations are recomputed in the backward pass instead of
-  kept (less memory, about a third more compute).
+  kept (less memory, about a third more compute). `before(i, x)`, where given, runs on
+  the input of block i (the BLT decoder's cross-attention before its layers).
   """
 
   def __init__(self, dim: int, n_layers: int, n_heads: int, *, window: int = 0,
-               mlp_ratio: float = 4.0, rope_theta: float = 10000.0, dtype=jnp.float32,
+               mlp_ratio: float = 4.0, mlp_dim: int = 0, rope_theta: float = 10000.0,
+               norm_eps: float = 1e-6, final_norm: bool = True, dtype=jnp.float32,
                remat: bool = False, rngs: nnx.Rngs):
     self.remat = remat
     self.blocks = nnx.List([
-        Block(dim, n_heads, window=window, mlp_ratio=mlp_ratio, rope_theta=rope_theta,
-              dtype=dtype, rngs=rngs)
+        Block(dim, n_heads, window=window, mlp_ratio=mlp_ratio, mlp_dim=mlp_dim,
+              rope_theta=rope_theta, norm_eps=norm_eps, dtype=dtype, rngs=rngs)
         for _ in range(n_layers)])
-    self.norm = RMSNorm(dim, rngs=rngs)
+    self.norm = RMSNorm(dim, eps=norm_eps, rngs=rngs) if final_norm else None
 
-  def __call__(self, x_BxTxD, packing=None):
+  def _out(self, x_BxTxD):
+    return x_BxTxD if self.norm is None else self.norm(x_BxTxD)
+
+  def __call__(self, x_BxTxD, packing=None, before=None):
     """[B, T, D] -> [B, T, D]; with `packing`, packed rows [N, C, D] (see `Attention`)."""
     apply_block = nnx.remat(Block.__call__) if self.remat else Block.__call__
-    for block in self.blocks:
+    for i, block in enumerate(self.blocks):
+      if before is not None:
+        x_BxTxD = before(i, x_BxTxD)
       x_BxTxD = apply_block(block, x_BxTxD, packing)
-    return self.norm(x_BxTxD)
+    return self._out(x_BxTxD)
 
-  def prefill(self, x_BxTxD):
+  def prefill(self, x_BxTxD, before=None):
     """`__call__` over whole windows, and the decoding caches of their positions, one per
     block, from which `step` goes on at any position."""
     caches = []
-    for block in self.blocks:
+    for i, block in enumerate(self.blocks):
+      if before is not None:
+        x_BxTxD = before(i, x_BxTxD)
       x_BxTxD, cache = block.prefill(x_BxTxD)
       caches.append(cache)
-    return self.norm(x_BxTxD), caches
+    return self._out(x_BxTxD), caches
 
   def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> list:
     """Empty key/value caches of `length` positions, one per block, for `step`."""
     return [block.attn.init_cache(batch_size, length, dtype) for block in self.blocks]
 
-  def step(self, x_Bx1xD, caches: list, pos_B, write_B=None, entries: bool = False):
+  def step(self, x_Bx1xD, caches: list, pos_B, write_B=None, entries: bool = False,
+           before=None):
     """[B, 1, D] -> [B, 1, D]: `__call__`'s output at position pos_B[b] of each row, from
     the caches of the earlier positions; returns it and the caches with this position
     written (in rows where `write_B`, when given), or with `entries` (the caches only
     read) this position's keys and values per block, for `write_caches`."""
     out = []
-    for block, cache in zip(self.blocks, caches):
+    for i, (block, cache) in enumerate(zip(self.blocks, caches)):
+      if before is not None:
+        x_Bx1xD = before(i, x_Bx1xD)
       x_Bx1xD, cache = block.step(x_Bx1xD, cache, pos_B, write_B, entries)
       out.append(cache)
-    return self.norm(x_Bx1xD), out
+    return self._out(x_Bx1xD), out
