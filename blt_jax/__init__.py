@@ -1,4 +1,4 @@
 """blt-jax: entropy-based byte patching and the Byte Latent Transformer in JAX/Flax."""
-from blt_jax.api import LanguageModel, load
+from blt_jax.api import LanguageModel, from_pretrained, load
 
-__all__ = ["LanguageModel", "load"]
+__all__ = ["LanguageModel", "from_pretrained", "load"]

@@ -1,6 +1,8 @@
-"""The public Python API: `blt_jax.load(workdir).next_byte_logprobs(data)`."""
+"""The public Python API: `blt_jax.load(workdir).next_byte_logprobs(data)`, and the
+released BLT: `blt_jax.from_pretrained(folder)`, `LanguageModel.save_pretrained(folder)`."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -11,9 +13,10 @@ from flax import nnx
 
 from blt_jax import checkpoint, data as data_lib, decode, models
 from blt_jax.constants import BYTES
-from blt_jax.models import vocab
+from blt_jax.errors import UserError
+from blt_jax.models import blt_hf, vocab
 from blt_jax.patcher import DocumentPatcher
-from blt_jax.resolved import Resolved
+from blt_jax.resolved import PatchRule, Resolved
 
 
 def restore_model(workdir: str | Path, model_fields: dict,
@@ -124,6 +127,52 @@ class LanguageModel:
       return self.decoder.generate(prompts, options, record=True, on_bytes=on_bytes)
     return decode.uncached_generate(self.context_logprobs, prompts, options,
                                     on_bytes=on_bytes)
+
+  # ------------------------------------------------------------------ released format
+
+  def save_pretrained(self, folder: str | Path, dtype: str = "float32",
+                      shard_bytes: int = blt_hf.hf_files.SHARD_BYTES):
+    """Writes this model as a transformers `BltForCausalLM` folder (config.json and
+    safetensors, the entropy model as its patcher): a BLT of the released architecture
+    (loaded, fine-tuned or trained with configs/blt_paper.py) patched by `global` entropy
+    or `static` patching. One line naming what does not fit otherwise."""
+    rule = self.resolved.patching
+    if self.resolved.model.get("kind") != "blt" or rule is None:
+      raise UserError(f"only a BLT saves as {blt_hf.ARCHITECTURE}, not a "
+                      f"{self.resolved.model.get('kind')} model")
+    if rule.mode not in blt_hf.PATCHING_MODES.values():
+      raise UserError(f"cannot save {rule.mode!r} patching as {blt_hf.ARCHITECTURE} "
+                      f"(it patches by entropy, 'global', or 'static')")
+    entropy_lm = self.patcher.lm if rule.uses_entropy else None
+    released = blt_hf.Released(
+        blt=self.model.cfg, patcher=entropy_lm.model.cfg if entropy_lm else None,
+        mode=rule.mode, threshold=rule.threshold, patch_size=rule.patch_size,
+        max_patch_len=rule.max_patch_len, tied=False, seq_len=self.seq_len,
+        patcher_seq_len=entropy_lm.seq_len if entropy_lm else 0)
+    blt_hf.save(folder, released, self.model, entropy_lm.model if entropy_lm else None,
+                dtype=dtype, shard_bytes=shard_bytes)
+
+
+def from_pretrained(folder: str | Path, seq_len: int | None = None) -> LanguageModel:
+  """A transformers `BltForCausalLM` folder (the released BLT-1B / 7B, or one `save_pretrained`
+  wrote), read without torch: the BLT configured as released, its patcher as the entropy
+  model, patched as transformers' forward patches (entropy over the patcher's 260 tokens
+  against the folder's threshold, or static). `seq_len`: bytes per window (default the
+  folder's max_position_embeddings); a window never folds patches."""
+  released, blt, patcher = blt_hf.load(folder, seq_len)
+  T = released.seq_len
+  rule = PatchRule(mode=released.mode, max_patches=T, threshold=released.threshold,
+                   patch_size=released.patch_size, max_patch_len=released.max_patch_len,
+                   entropy_workdir=str(Path(folder).absolute()) if patcher else None)
+  config = lambda fields: ml_collections.ConfigDict(
+      {"data": {"seq_len": T}, "model": fields, "pretrained": str(folder)})
+  fields = {"kind": "blt", **dataclasses.asdict(released.blt)}
+  entropy_lm = None
+  if patcher is not None:
+    p_fields = {"kind": "byte_lm", **dataclasses.asdict(released.patcher)}
+    entropy_lm = LanguageModel(patcher, config(p_fields), 0, Resolved(p_fields))
+  return LanguageModel(blt, config(fields), 0, Resolved(fields, rule),
+                       DocumentPatcher(rule, entropy_lm))
 
 
 def load(workdir: str | Path, step: int | None = None) -> LanguageModel:

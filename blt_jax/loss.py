@@ -3,20 +3,30 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
+from blt_jax.constants import BYTES
 from blt_jax.models import vocab
 
 
-def token_stats(logits_BxTxV, batch, axis=None):
+def token_stats(logits_BxTxV, batch, axis=None, all_tokens: bool = False):
   """Sums over real target bytes only: (nll in nats, correct predictions, count), over
   `axis` (default: all; `()`: per byte, zero at padding). The byte log-probabilities are
-  the log-softmax over the byte logits (a model's last 256)."""
-  logp_BxTxV = vocab.byte_logprobs(logits_BxTxV)
+  the log-softmax over the byte logits (a model's last 256), or with `all_tokens` over
+  all V (the training objective: a model with tokens besides the bytes, the released BLT
+  vocabulary's, learns to leave them out)."""
+  V = logits_BxTxV.shape[-1]
   targets_BxT = batch["targets"]
-  nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  if all_tokens:
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    target_BxT = targets_BxT + (V - BYTES)
+  else:
+    logp_BxTxV, target_BxT = vocab.byte_logprobs(logits_BxTxV), targets_BxT
+  nll_BxT = -jnp.take_along_axis(logp_BxTxV, target_BxT[..., None], axis=-1)[..., 0]
   mask_BxT = batch["mask"].astype(jnp.float32)
-  correct_BxT = (jnp.argmax(logp_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
+  correct_BxT = (jnp.argmax(logits_BxTxV[..., -BYTES:], axis=-1) == targets_BxT)
+  correct_BxT = correct_BxT.astype(jnp.float32)
   return (jnp.sum(nll_BxT * mask_BxT, axis), jnp.sum(correct_BxT * mask_BxT, axis),
           jnp.sum(mask_BxT, axis))
 
@@ -24,7 +34,8 @@ def token_stats(logits_BxTxV, batch, axis=None):
 def summed_loss(model, batch, *, packed: bool = False, shards: int = 1):
   """(summed nll in nats, (correct predictions, real bytes)) of a batch: the training loss
   before it is divided by the byte count (so micro-batches add up exactly)."""
-  nll, correct, count = token_stats(model.logits(batch, packed=packed, shards=shards), batch)
+  nll, correct, count = token_stats(model.logits(batch, packed=packed, shards=shards), batch,
+                                    all_tokens=True)
   return nll, (correct, count)
 
 

@@ -162,7 +162,7 @@ def initial_state(config: ml_collections.ConfigDict, resolved: Resolved, pretrai
   runtime = {k: v for k, v in config.model.to_dict().items() if k in checkpoint.RUNTIME_FIELDS}
   model = build_model({**resolved.model, **runtime}, config.train.seed)
   if pretrained:
-    model.load_pretrained()
+    models.load_pretrained(resolved.model, model)
   optimizer = nnx.Optimizer(model, make_optimizer(config.train), wrt=nnx.Param)
   return (nnx.split(model)[0], *nnx.split((model, optimizer)))
 

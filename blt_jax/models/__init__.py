@@ -10,6 +10,7 @@ from typing import Callable
 
 from flax import nnx
 
+from blt_jax.models import blt_hf
 from blt_jax.models.blt import BLT, BLTConfig
 from blt_jax.models.byte_lm import ByteLM, ByteLMConfig
 from blt_jax.models.interface import ByteModel
@@ -21,11 +22,12 @@ class Kind:
   config: type                                   # frozen dataclass of the model's shape
   module: type                                   # a ByteModel built from that dataclass
   resolve: Callable = lambda cfg: cfg            # shape as run: cfg -> cfg (reads no weights)
+  load: Callable = lambda model: model.load_pretrained()  # pretrained weights, at a run's start
 
 
 KINDS = {
     "byte_lm": Kind(ByteLMConfig, ByteLM),
-    "blt": Kind(BLTConfig, BLT),
+    "blt": Kind(BLTConfig, BLT, blt_hf.resolve, blt_hf.load_into),
     "qwen3": Kind(ByteQwen3Config, ByteQwen3, ByteQwen3Config.resolve),
 }
 
@@ -49,9 +51,14 @@ def resolve(fields: dict) -> dict:
   return {"kind": fields["kind"], **dataclasses.asdict(cfg)}
 
 
+def load_pretrained(fields: dict, model: ByteModel) -> None:
+  """Reads the pretrained weights `fields` name (if any) into a freshly built `model`."""
+  KINDS[fields["kind"]].load(model)
+
+
 def build(fields: dict, seed: int = 0) -> ByteModel:
   """A freshly initialised model of `fields` (no pretrained weights are read)."""
   return KINDS[fields["kind"]].module(config_for(fields), rngs=nnx.Rngs(seed))
 
 
-__all__ = ["ByteModel", "KINDS", "build", "config_for", "resolve"]
+__all__ = ["ByteModel", "KINDS", "build", "config_for", "load_pretrained", "resolve"]

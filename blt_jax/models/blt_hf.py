@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from blt_jax.errors import UserError
-from blt_jax.models import hf_files
+from blt_jax.models import hf_files, layers
 from blt_jax.models.blt import BLT, BLTConfig
 from blt_jax.models.byte_lm import ByteLM, ByteLMConfig
 
@@ -267,10 +267,10 @@ def tensors_of(module, entries: list, dtype=np.float32) -> dict:
   return out
 
 
-def needed_names(released: Released) -> set:
-  """The HF tensor names the folder must hold (with a tied head, either of the two)."""
+def needed_names(released: Released, patcher: bool = True) -> set:
+  """The HF tensor names the folder must hold (`patcher`: the patcher's too)."""
   names = {n for e in blt_entries(released.blt) for n in e.names}
-  if released.patcher is not None:
+  if patcher and released.patcher is not None:
     names |= {n for e in patcher_entries(released.patcher) for n in e.names}
   return names
 
@@ -278,20 +278,25 @@ def needed_names(released: Released) -> set:
 TIED = ("model.local_encoder.embed_tokens.weight", "lm_head.weight")
 
 
-def read_tensors(path: str | Path, released: Released) -> dict:
+def read_tensors(path: str | Path, released: Released, patcher: bool = True) -> dict:
   """The folder's tensors, checked against what its config needs (named when missing)."""
   tensors = hf_files.read_checkpoint(path)
   if released.tied:  # transformers keeps one of the two
     for a, b in (TIED, TIED[::-1]):
       if a not in tensors and b in tensors:
         tensors[a] = tensors[b]
-  hf_files.check_present(sorted(needed_names(released)), tensors, path)
+  hf_files.check_present(sorted(needed_names(released, patcher)), tensors, path)
   return tensors
 
 
-def load(path: str | Path) -> tuple[Released, BLT, ByteLM | None]:
-  """The folder's description, its BLT and its patcher (None without one), weights loaded."""
+def load(path: str | Path, seq_len: int | None = None) -> tuple[Released, BLT, ByteLM | None]:
+  """The folder's description, its BLT and its patcher (None without one), weights loaded;
+  `seq_len` (bytes per window, default the folder's) sets the BLT's patch slots."""
   released = read_config(path)
+  if seq_len:
+    released = dataclasses.replace(released, seq_len=seq_len)
+  released = dataclasses.replace(
+      released, blt=dataclasses.replace(released.blt, max_patches=released.seq_len))
   tensors = read_tensors(path, released)
   blt = nnx.eval_shape(lambda: BLT(released.blt, rngs=nnx.Rngs(0)))
   load_entries(blt, blt_entries(released.blt), tensors, path)
@@ -300,3 +305,111 @@ def load(path: str | Path) -> tuple[Released, BLT, ByteLM | None]:
     patcher = nnx.eval_shape(lambda: ByteLM(released.patcher, rngs=nnx.Rngs(0)))
     load_entries(patcher, patcher_entries(released.patcher), tensors, path)
   return released, blt, patcher
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+RUNTIME = ("max_patches", "global_capacity", "dtype", "remat", "init_from")
+
+
+def resolve(cfg: BLTConfig) -> BLTConfig:
+  """A BLT config with `init_from` gets the shape of that folder (reads config.json and
+  tensor names, no weights); without, it is returned as it is."""
+  if not cfg.init_from:
+    return cfg
+  released = read_config(cfg.init_from)
+  names = hf_files.checkpoint_names(cfg.init_from)
+  if released.tied:
+    names |= set(TIED) if names & set(TIED) else set()
+  hf_files.check_present(sorted(needed_names(released, patcher=False)), names, cfg.init_from)
+  return dataclasses.replace(released.blt, **{f: getattr(cfg, f) for f in RUNTIME})
+
+
+def load_into(model: BLT) -> None:
+  """Reads the weights of `model.cfg.init_from` into a BLT built from `resolve`d fields
+  (at the start of a run); a no-op without `init_from`."""
+  path = model.cfg.init_from
+  if not path:
+    return
+  released = read_config(path)
+  for f in dataclasses.fields(BLTConfig):
+    if f.name not in RUNTIME and getattr(model.cfg, f.name) != getattr(released.blt, f.name):
+      raise UserError(f"model {f.name}={getattr(model.cfg, f.name)!r} but {path} has "
+                      f"{getattr(released.blt, f.name)!r}")
+  load_entries(model, blt_entries(model.cfg), read_tensors(path, released, patcher=False), path)
+
+
+# ----------------------------------------------------------------------------- export
+
+def check_exportable(blt: BLTConfig, patcher: ByteLMConfig | None):
+  """One line naming the first choice a BltForCausalLM cannot hold."""
+  want = dict(vocab="blt", hash_style="blt", cross_style="blt", inner_norms=False,
+              pooling="max", enc_window=blt.dec_window, dec_dim=blt.enc_dim,
+              dec_heads=blt.enc_heads, cross_heads=blt.enc_heads)
+  for name, value in want.items():
+    if getattr(blt, name) != value:
+      raise UserError(f"cannot save as {ARCHITECTURE}: model {name}={getattr(blt, name)!r} "
+                      f"(the released architecture has {value!r}; see configs/blt_paper.py)")
+  if patcher is not None and patcher.vocab != "blt":
+    raise UserError(f"cannot save as {ARCHITECTURE}: the entropy model's vocab is "
+                    f"{patcher.vocab!r}, not the released 'blt' (see configs/blt_paper.py)")
+
+
+def _mlp(dim: int, mlp_dim: int, ratio: float) -> int:
+  return mlp_dim or layers.mlp_hidden(dim, ratio)
+
+
+def hf_config(r: Released) -> dict:
+  """config.json of a BltForCausalLM holding `r` (untied)."""
+  b, k = r.blt, r.blt.cross_attn_k
+  rope = lambda theta: {"rope_type": "default", "rope_theta": float(theta)}
+
+  def stack(dim, heads, n_layers, mlp, theta, **extra):
+    return dict(hidden_size=dim, num_attention_heads=heads, num_key_value_heads=heads,
+                num_hidden_layers=n_layers, intermediate_size=mlp, rope_parameters=rope(theta),
+                rms_norm_eps=b.norm_eps, hidden_act="silu", dropout=0.0, **extra)
+
+  local = dict(vocab_size=260, cross_attn_k=k, hidden_size_global=b.global_dim,
+               max_position_embeddings=r.seq_len)
+  out = {
+      "architectures": [ARCHITECTURE], "model_type": "blt", "vocab_size": 260,
+      "max_position_embeddings": r.seq_len, "patch_in_forward": r.patcher is not None,
+      "patching_mode": {v: k for k, v in PATCHING_MODES.items()}[r.mode],
+      "patch_size": r.patch_size, "patching_threshold": r.threshold,
+      "max_patch_length": r.max_patch_len, "patching_batch_size": 1,
+      "local_attention_window_len": b.enc_window or None, "cross_attn_k": k,
+      "encoder_hash_byte_group_size": list(b.hash_ngrams),
+      "encoder_hash_byte_group_vocab": b.hash_buckets,
+      "encoder_hash_byte_group_nb_functions": b.hash_functions,
+      "tie_word_embeddings": False, "rope_parameters": rope(b.rope_theta),
+      "encoder_config": stack(b.enc_dim, b.enc_heads, b.enc_layers,
+                              _mlp(b.enc_dim, b.enc_mlp_dim, b.mlp_ratio), b.rope_theta,
+                              cross_attn_all_layers=False,
+                              sliding_window=b.enc_window or None, **local),
+      "decoder_config": stack(b.dec_dim, b.dec_heads, b.dec_layers,
+                              _mlp(b.dec_dim, b.dec_mlp_dim, b.mlp_ratio), b.rope_theta,
+                              cross_attn_all_layers=b.dec_cross_all_layers, **local),
+      "global_config": stack(b.global_dim, b.global_heads, b.global_layers,
+                             _mlp(b.global_dim, b.global_mlp_dim, b.mlp_ratio),
+                             b.global_rope_theta or b.rope_theta,
+                             max_position_embeddings=b.max_patches),
+  }
+  if r.patcher is not None:
+    p = r.patcher
+    out["patcher_config"] = dict(
+        stack(p.dim, p.n_heads, p.n_layers, _mlp(p.dim, p.mlp_dim, p.mlp_ratio), p.rope_theta,
+              vocab_size=260, sliding_window=p.window or None,
+              max_position_embeddings=r.patcher_seq_len), rms_norm_eps=p.norm_eps)
+  return out
+
+
+def save(path: str | Path, r: Released, blt: BLT, patcher: ByteLM | None,
+         dtype: str = "float32", shard_bytes: int = hf_files.SHARD_BYTES):
+  """Writes `blt` (and `patcher`) as the BltForCausalLM folder `path`."""
+  check_exportable(r.blt, r.patcher)
+  tensors = tensors_of(blt, blt_entries(r.blt))
+  if patcher is not None:
+    tensors.update(tensors_of(patcher, patcher_entries(r.patcher)))
+  dt = jnp.dtype(dtype)
+  hf_files.write_checkpoint(path, {**hf_config(r), "dtype": str(dt)},
+                            {n: jnp.asarray(w, dt) for n, w in tensors.items()}, shard_bytes)
