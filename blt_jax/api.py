@@ -149,6 +149,10 @@ class LanguageModel:
         mode=rule.mode, threshold=rule.threshold, patch_size=rule.patch_size,
         max_patch_len=rule.max_patch_len, tied=False, seq_len=self.seq_len,
         patcher_seq_len=entropy_lm.seq_len if entropy_lm else 0)
+    if "pretrained" in self.config:  # the folder's own position limits
+      released = dataclasses.replace(
+          released, seq_len=self.config.pretrained.max_positions,
+          patcher_seq_len=self.config.pretrained.patcher_max_positions)
     blt_hf.save(folder, released, self.model, entropy_lm.model if entropy_lm else None,
                 dtype=dtype, shard_bytes=shard_bytes)
 
@@ -160,12 +164,14 @@ def from_pretrained(folder: str | Path, seq_len: int | None = None) -> LanguageM
   against the folder's threshold, or static). `seq_len`: bytes per window (default the
   folder's max_position_embeddings); a window never folds patches."""
   released, blt, patcher = blt_hf.load(folder, seq_len)
-  T = released.seq_len
+  T = seq_len or released.seq_len
   rule = PatchRule(mode=released.mode, max_patches=T, threshold=released.threshold,
                    patch_size=released.patch_size, max_patch_len=released.max_patch_len,
                    entropy_workdir=str(Path(folder).absolute()) if patcher else None)
-  config = lambda fields: ml_collections.ConfigDict(
-      {"data": {"seq_len": T}, "model": fields, "pretrained": str(folder)})
+  config = lambda fields: ml_collections.ConfigDict({
+      "data": {"seq_len": T}, "model": fields,
+      "pretrained": {"path": str(folder), "max_positions": released.seq_len,
+                     "patcher_max_positions": released.patcher_seq_len}})
   fields = {"kind": "blt", **dataclasses.asdict(released.blt)}
   entropy_lm = None
   if patcher is not None:
@@ -173,6 +179,19 @@ def from_pretrained(folder: str | Path, seq_len: int | None = None) -> LanguageM
     entropy_lm = LanguageModel(patcher, config(p_fields), 0, Resolved(p_fields))
   return LanguageModel(blt, config(fields), 0, Resolved(fields, rule),
                        DocumentPatcher(rule, entropy_lm))
+
+
+PRETRAINED = "blt_pretrained"  # model.kind of configs/blt_pretrained.py: a folder, not a run
+
+
+def for_config(config: ml_collections.ConfigDict, workdir: str | Path) -> LanguageModel:
+  """The model a job runs: the folder of a `blt_pretrained` config, else the run in
+  `workdir` (at `eval.step`)."""
+  if config.model.kind == PRETRAINED:
+    if not config.model.path:
+      raise UserError("configs/blt_pretrained.py needs --config.model.path=<BltForCausalLM folder>")
+    return from_pretrained(config.model.path, seq_len=config.data.seq_len or None)
+  return load(workdir, config.eval.step)
 
 
 def load(workdir: str | Path, step: int | None = None) -> LanguageModel:

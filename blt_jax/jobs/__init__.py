@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from blt_jax import sharding
+from blt_jax import api, sharding
 from blt_jax.errors import UserError
 from blt_jax.jobs import evaluate, patch, sample, sweep, train
 from blt_jax.workdir_lock import WorkdirLock
@@ -16,6 +16,7 @@ from blt_jax.workdir_lock import WorkdirLock
 MODES = {"train": train.run, "eval": evaluate.run, "patch": patch.run, "sample": sample.run,
          "sweep": sweep.run}
 WRITES_WORKDIR = ("train", "patch", "sweep")
+PRETRAINED_MODES = ("eval", "patch", "sample")
 HOLDS_WORKDIR = ("train", "eval", "sweep")  # one such run per workdir at a time
 
 
@@ -24,6 +25,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path):
   config = ml_collections.FrozenConfigDict(config)
   if config.mode not in MODES:
     raise UserError(f"unknown mode {config.mode!r} (known: {', '.join(MODES)})")
+  if config.model.kind == api.PRETRAINED and config.mode not in PRETRAINED_MODES:
+    raise UserError(f"a pretrained folder runs mode {', '.join(PRETRAINED_MODES)}, not "
+                    f"{config.mode!r} (to fine-tune: configs/blt_paper.py, model.init_from)")
   sharding.initialize(config.mesh)  # multi-host: before anything touches a device
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():

@@ -15,19 +15,14 @@ from blt_jax.splits import SPLIT_FILE, Split, Splits
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path):
-  saved, _ = checkpoint.read_config(workdir, config.eval.step)
-  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
-  lm = api.load(workdir, config.eval.step)
-  # The run's own config, with this invocation's eval section and cache.
-  config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),
-                                      "data": {**lm.config.data.to_dict(),
-                                               "cache_dir": config.data.cache_dir}})
-  recorded = Split.load(workdir)
-  if recorded is None and not config.eval.corpus:
-    raise UserError(f"{workdir} has no {SPLIT_FILE}: it was trained before runs recorded "
-                    "their held-out split, so its held-out documents are unknown; "
-                    "evaluate it on eval.corpus")
-  splits = Splits(config, recorded)  # the documents the run held out
+  if config.model.kind == api.PRETRAINED:
+    lm = api.for_config(config, workdir)
+    config = ml_collections.ConfigDict(
+        {**config.to_dict(), "data": {**config.data.to_dict(), "seq_len": lm.seq_len}})
+    splits = Splits(config)  # this config's split of data.corpus (or all of eval.corpus)
+    workdir.mkdir(parents=True, exist_ok=True)
+  else:
+    lm, config, splits = restore(config, workdir)
   transform = None
   if lm.patcher is not None:
     rule, entropy_lm = lm.patcher.rule, lm.patcher.lm
@@ -38,7 +33,26 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
   graphdef, state = nnx.split(lm.model)
   result = Evaluator(graphdef)(state, (train.to_device(b) for b in batches), total=total)
   result.update(step=lm.step, corpus=config.eval.corpus or f"{config.data.corpus} (held-out)")
+  if config.model.kind == api.PRETRAINED:
+    result["pretrained"] = str(config.model.path)
   files.write_json(workdir / "eval.json", result)
   print(f"{workdir} step {lm.step}: bpb {result['bpb']:.4f}  loss {result['loss']:.4f}  "
         f"accuracy {result['accuracy']:.3f}  perplexity {result['perplexity']:.3f}  "
         f"on {result['bytes']} bytes of {result['corpus']}")
+
+
+def restore(config: ml_collections.ConfigDict, workdir: Path):
+  """A trained run's model, its own config (with this invocation's eval section and cache)
+  and the documents it held out."""
+  saved, _ = checkpoint.read_config(workdir, config.eval.step)
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  lm = api.load(workdir, config.eval.step)
+  config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),
+                                      "data": {**lm.config.data.to_dict(),
+                                               "cache_dir": config.data.cache_dir}})
+  recorded = Split.load(workdir)
+  if recorded is None and not config.eval.corpus:
+    raise UserError(f"{workdir} has no {SPLIT_FILE}: it was trained before runs recorded "
+                    "their held-out split, so its held-out documents are unknown; "
+                    "evaluate it on eval.corpus")
+  return lm, config, Splits(config, recorded)

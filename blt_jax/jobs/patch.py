@@ -46,22 +46,34 @@ def entropies_and_threshold(config: ml_collections.ConfigDict, workdir: Path, ra
   return entropy.document_entropies(lm, raw), threshold
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def rule_of(config: ml_collections.ConfigDict, workdir: Path, raw: bytes):
+  """(mode, h of `raw` or None, threshold, patch_size, max_patch_len): a pretrained folder's
+  own patching, else the config's (see `entropies_and_threshold`)."""
   p = config.patching
-  raw = text_of(config)
+  if config.model.kind == api.PRETRAINED:
+    lm = api.for_config(config, workdir)
+    rule = lm.resolved.patching
+    h = entropy.document_entropies(lm.patcher.lm, raw) if rule.uses_entropy else None
+    return rule.mode, h, rule.threshold, rule.patch_size, rule.max_patch_len
   if p.mode == "none":
     raise UserError("mode=patch needs a patching config (patching.mode is 'none')")
   h = threshold = None
   if p.mode in patching.THRESHOLD_MODES:
     h, threshold = entropies_and_threshold(config, workdir, raw)
+  return p.mode, h, threshold, p.patch_size, p.max_patch_len or None
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path):
+  raw = text_of(config)
+  mode, h, threshold, patch_size, max_patch_len = rule_of(config, workdir, raw)
   starts = np.asarray(patching.patch_starts(
-      h, mode=p.mode, threshold=threshold, patch_size=p.patch_size,
-      data=np.frombuffer(raw, np.uint8), max_patch_len=p.max_patch_len or None))
+      h, mode=mode, threshold=threshold, patch_size=patch_size,
+      data=np.frombuffer(raw, np.uint8), max_patch_len=max_patch_len))
   workdir.mkdir(parents=True, exist_ok=True)
   png = workdir / "patches.png"
   n_patches = int(starts.sum())
   plots.entropy_figure(raw, h, starts, png, threshold=threshold,
-                       title=f"{p.mode} patching: {n_patches} patches, "
+                       title=f"{mode} patching: {n_patches} patches, "
                              f"mean size {len(raw) / n_patches:.2f} bytes")
   print(plots.marked_text(raw, starts))
   lengths = np.diff(np.append(np.flatnonzero(starts), len(raw)))

@@ -44,7 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
   s = config.sample
   opts = options(s)
   prompts = read_prompts(s)
-  lm = api.load(workdir, config.eval.step)
+  lm = api.for_config(config, workdir)
   out = sys.stdout.buffer
   for lo in range(0, len(prompts), s.batch_size):
     batch = prompts[lo:lo + s.batch_size]

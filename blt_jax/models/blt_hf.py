@@ -26,6 +26,7 @@ ARCHITECTURE = "BltForCausalLM"
 DEFAULT_THETA = {"encoder_config": 500000.0, "decoder_config": 500000.0,
                  "global_config": 500000.0, "patcher_config": 10000.0}
 PATCHING_MODES = {"entropy": "global", "static": "static"}
+RELEASED_THRESHOLD = 1.335442066192627  # transformers' default patching_threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +135,7 @@ def read_config(path: str | Path) -> Released:
     patcher_seq_len = p["max_pos"] or 8192
   max_len = hf.get("max_patch_length")
   return Released(blt=blt, patcher=patcher, mode=PATCHING_MODES[mode],
-                  threshold=float(hf.get("patching_threshold", 1.335442066192627)),
+                  threshold=float(hf.get("patching_threshold") or RELEASED_THRESHOLD),
                   patch_size=int(hf.get("patch_size") or 4),
                   max_patch_len=int(max_len) if max_len else None,
                   tied=bool(hf.get("tie_word_embeddings", False)),
@@ -293,10 +294,8 @@ def load(path: str | Path, seq_len: int | None = None) -> tuple[Released, BLT, B
   """The folder's description, its BLT and its patcher (None without one), weights loaded;
   `seq_len` (bytes per window, default the folder's) sets the BLT's patch slots."""
   released = read_config(path)
-  if seq_len:
-    released = dataclasses.replace(released, seq_len=seq_len)
-  released = dataclasses.replace(
-      released, blt=dataclasses.replace(released.blt, max_patches=released.seq_len))
+  released = dataclasses.replace(released, blt=dataclasses.replace(
+      released.blt, max_patches=seq_len or released.seq_len))
   tensors = read_tensors(path, released)
   blt = nnx.eval_shape(lambda: BLT(released.blt, rngs=nnx.Rngs(0)))
   load_entries(blt, blt_entries(released.blt), tensors, path)
@@ -375,7 +374,7 @@ def hf_config(r: Released) -> dict:
       "architectures": [ARCHITECTURE], "model_type": "blt", "vocab_size": 260,
       "max_position_embeddings": r.seq_len, "patch_in_forward": r.patcher is not None,
       "patching_mode": {v: k for k, v in PATCHING_MODES.items()}[r.mode],
-      "patch_size": r.patch_size, "patching_threshold": r.threshold,
+      "patch_size": r.patch_size, "patching_threshold": RELEASED_THRESHOLD if r.threshold is None else r.threshold,
       "max_patch_length": r.max_patch_len, "patching_batch_size": 1,
       "local_attention_window_len": b.enc_window or None, "cross_attn_k": k,
       "encoder_hash_byte_group_size": list(b.hash_ngrams),
