@@ -285,6 +285,30 @@ def test_flops_formula():
   assert model.flops_per_byte(T) == model.flops_per_byte(T, T / P)
 
 
+def test_flops_of_the_released_options():
+  """By hand: E = D = 8, G = 24, k = 2, slots of width E (k * E = 16 != G: a projection in),
+  SwiGLU widths 16 / 40 / 24, cross-attention before both decoder layers, a 260-way head;
+  T = 12 bytes in patches of m = 3 (n_p = 4), full attention."""
+  cfg = blt.BLTConfig(enc_dim=8, enc_layers=1, enc_heads=2, enc_window=0, global_dim=24,
+                      global_layers=1, global_heads=2, dec_dim=8, dec_layers=2, dec_heads=2,
+                      dec_window=0, cross_attn_k=2, cross_heads=2, hash_ngrams=(),
+                      max_patches=4, enc_mlp_dim=16, global_mlp_dim=40, dec_mlp_dim=24,
+                      cross_style="blt", dec_cross_all_layers=True, vocab="blt")
+  ctx_T, ctx_p = 6.5, 2.5  # mean causal context over 12 bytes, over 4 patches
+  per_byte = (2 * (4 * 64 + 3 * 8 * 16) + 4 * 8 * ctx_T          # encoder block
+              + 4 * 8 * 8                                        # encoder cross k, v
+              + 2 * (4 * 64 + 4 * 8 * 2)                         # 2 decoder cross q, o, attention
+              + 2 * (2 * (4 * 64 + 3 * 8 * 24) + 4 * 8 * ctx_T)  # 2 decoder blocks
+              + 2 * 8 * 260)                                     # head
+  per_patch = (2 * 8 * 16                                        # pooled -> 2 slots of 8
+               + 2 * 4 * 64 + 4 * 2 * 8 * 3                      # slots' q, o; attention
+               + 2 * 16 * 24                                     # 16 -> global width 24
+               + 2 * (4 * 576 + 3 * 24 * 40) + 4 * 24 * ctx_p    # global block
+               + 2 * 24 * 16                                     # global -> 2 decoder slots
+               + 2 * 2 * 4 * 64)                                 # their k, v, twice
+  assert flops.blt_flops_per_byte(cfg, 12, 3.0) == pytest.approx(3 * (per_byte + per_patch / 3))
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_tiny_blt_overfits_one_batch():

@@ -12,7 +12,7 @@ Conventions (one multiply-add = 2 FLOPs; training = 3 x forward, i.e. backward =
 from __future__ import annotations
 
 from blt_jax.constants import BYTES
-from blt_jax.models import layers
+from blt_jax.models import layers, vocab
 
 
 def mean_context(n: int, window: int = 0) -> float:
@@ -22,46 +22,54 @@ def mean_context(n: int, window: int = 0) -> float:
   return (w * (w + 1) / 2 + (n - w) * w) / n
 
 
-def block_flops(dim: int, mlp_ratio: float, context: float) -> float:
-  """Forward FLOPs per row of one pre-norm block (attention projections, SwiGLU, attention)."""
-  hidden = layers.mlp_hidden(dim, mlp_ratio)
+def block_flops(dim: int, mlp_ratio: float, context: float, mlp_dim: int = 0) -> float:
+  """Forward FLOPs per row of one pre-norm block (attention projections, SwiGLU, attention);
+  the SwiGLU width is `mlp_dim`, or from `mlp_ratio` when 0."""
+  hidden = mlp_dim or layers.mlp_hidden(dim, mlp_ratio)
   return 2 * (4 * dim * dim + 3 * dim * hidden) + 4 * dim * context
 
 
 def byte_lm_flops_per_byte(cfg, seq_len: int) -> float:
   """Training FLOPs per byte of ByteLM at sequence length `seq_len`."""
   ctx = mean_context(seq_len, cfg.window)
-  fwd = cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx) + 2 * cfg.dim * BYTES
+  fwd = (cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx, cfg.mlp_dim)
+         + 2 * cfg.dim * vocab.output_columns(cfg.vocab))
   return 3.0 * fwd
 
 
 def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) -> float:
-  """Training FLOPs per byte of BLT; n_p = seq_len / mean_patch_size global slots.
+  """Training FLOPs per byte of BLT; n_p = seq_len / mean_patch_size global slots; S is the
+  slot width (`cfg.slot_dim`), c the number of decoder cross-attentions (1, or dec_layers).
 
-  Per byte: encoder blocks; k/v projections of the encoder cross-attention (2 * 2 * E * G/k);
-  encoder -> decoder projection (if E != D); decoder cross-attention q/o projections
+  Per byte: encoder blocks; k/v projections of the encoder cross-attention (2 * 2 * E * S);
+  encoder -> decoder projection (if E != D); per decoder cross-attention, q/o projections
   (2 * 2 * D^2) and attention over its patch's k slots (4 * D * k); decoder blocks; head.
-  Per patch (divided by the mean patch size m): slot projection (2 * E * G); encoder
-  cross-attention q/o projections (k * 2 * 2 * (G/k)^2) and attention of k slots over the
-  patch's m bytes (4 * G * m); global blocks with causal context over n_p patches;
-  decoder slot projection (2 * G * k * D) and its k/v projections (k * 2 * 2 * D^2).
+  Per patch (divided by the mean patch size m): slot projection (2 * E * k * S); encoder
+  cross-attention q/o projections (k * 2 * 2 * S^2) and attention of k slots over the
+  patch's m bytes (4 * k * S * m); the projection into the global width (2 * k * S * G, if
+  k * S != G); global blocks with causal context over n_p patches; decoder slot projection
+  (2 * G * k * D) and, per decoder cross-attention, its k/v projections (k * 2 * 2 * D^2).
   mean_patch_size None uses seq_len / cfg.max_patches (the slots actually executed).
   """
   T = seq_len
-  E, G, D, k = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k
+  E, G, D, k, S = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k, cfg.slot_dim
+  c = cfg.dec_layers if cfg.dec_cross_all_layers else 1
   m = float(mean_patch_size) if mean_patch_size else T / cfg.max_patches
   n_p = max(1, round(T / m))
-  S = G / k
-  per_byte = (cfg.enc_layers * block_flops(E, cfg.mlp_ratio, mean_context(T, cfg.enc_window))
+  enc = block_flops(E, cfg.mlp_ratio, mean_context(T, cfg.enc_window), cfg.enc_mlp_dim)
+  dec = block_flops(D, cfg.mlp_ratio, mean_context(T, cfg.dec_window), cfg.dec_mlp_dim)
+  glob = block_flops(G, cfg.mlp_ratio, mean_context(n_p), cfg.global_mlp_dim)
+  per_byte = (cfg.enc_layers * enc
               + 2 * 2 * E * S
               + (2 * E * D if E != D else 0)
-              + 2 * 2 * D * D + 4 * D * k
-              + cfg.dec_layers * block_flops(D, cfg.mlp_ratio, mean_context(T, cfg.dec_window))
-              + 2 * D * BYTES)
-  per_patch = (2 * E * G
-               + k * 2 * 2 * S * S + 4 * G * m
-               + cfg.global_layers * block_flops(G, cfg.mlp_ratio, mean_context(n_p))
-               + 2 * G * k * D + k * 2 * 2 * D * D)
+              + c * (2 * 2 * D * D + 4 * D * k)
+              + cfg.dec_layers * dec
+              + 2 * D * vocab.output_columns(cfg.vocab))
+  per_patch = (2 * E * k * S
+               + k * 2 * 2 * S * S + 4 * k * S * m
+               + (2 * k * S * G if k * S != G else 0)
+               + cfg.global_layers * glob
+               + 2 * G * k * D + c * k * 2 * 2 * D * D)
   return 3.0 * (per_byte + per_patch / m)
 
 
