@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import blt_jax
-from blt_jax import models, train as train_loop
+from blt_jax import config_files, jobs, models, train as train_loop
+from blt_jax.errors import UserError
 from blt_jax.models import blt_hf, hf_files
 from blt_jax.resolved import PatchRule, Resolved
 from tests.conftest import ROOT, launch, tiny_config
@@ -40,12 +42,22 @@ def test_pretrained_modes_run_and_bad_folders_exit_2(tmp_path):
   assert result.stdout == b"def " + lm.generate([b"def "], max_bytes=12)[0] + b"\n"
   result = launch(*common, "--config.mode=patch", "--config.patching.text=def f(x): return x")
   assert result.returncode == 0 and (tmp_path / "patches.png").exists(), result.stderr[-2000:]
-  for bad in (FIXTURES / "qwen3_tiny", tmp_path / "nowhere"):
-    result = launch("--config=configs/blt_pretrained.py", f"--config.model.path={bad}",
-                    f"--workdir={tmp_path}")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-  result = launch(*common, "--config.mode=train")
-  assert result.returncode == 2 and "fine-tune" in result.stderr
+  result = launch("--config=configs/blt_pretrained.py", f"--workdir={tmp_path}",
+                  f"--config.model.path={FIXTURES / 'qwen3_tiny'}")
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert "is not a BltForCausalLM folder" in result.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.path": "/nowhere"}, "missing BltForCausalLM checkpoint directory /nowhere"),
+    ({"model.path": ""}, "needs --config.model.path"),
+    ({"mode": "train"}, "to fine-tune: configs/blt_paper.py"),
+])
+def test_pretrained_config_errors(tmp_path, overrides, message):
+  config = config_files.load("configs.blt_pretrained",
+                             {"model.path": str(FIXTURES / "blt_tiny_entropy"), **overrides})
+  with pytest.raises(UserError, match=message):
+    jobs.run(config, tmp_path)
 
 
 def test_fine_tuning_starts_from_the_folder(tmp_path):
