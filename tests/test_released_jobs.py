@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import blt_jax
-from blt_jax import config_files, jobs, models, train as train_loop
+from blt_jax import config_files, entropy, jobs, models, patching, plots, train as train_loop
 from blt_jax.errors import UserError
 from blt_jax.models import blt_hf, hf_files
 from blt_jax.resolved import PatchRule, Resolved
@@ -21,13 +19,12 @@ FIXTURES = ROOT / "tests" / "fixtures"
 SEQ_LEN = 320
 
 
-def test_pretrained_modes_run_and_bad_folders_exit_2(tmp_path):
+def test_pretrained_modes_run_and_bad_folders_exit_2(tmp_path, capfdbinary):
   folder = FIXTURES / "blt_tiny_entropy"
-  common = ["--config=configs/blt_pretrained.py", f"--config.model.path={folder}",
-            f"--workdir={tmp_path}", f"--config.data.seq_len={SEQ_LEN}"]
   corpus = ROOT / "configs" / "blt_pretrained.py"  # several windows of SEQ_LEN
-  result = launch(*common, f"--config.eval.corpus={corpus}")
-  assert result.returncode == 0, result.stderr[-2000:]
+  config = lambda **fields: config_files.load("configs.blt_pretrained", {
+      "model.path": str(folder), "data.seq_len": SEQ_LEN, "eval.corpus": str(corpus), **fields})
+  jobs.run(config(), tmp_path)  # mode=eval
   scored = json.loads((tmp_path / "eval.json").read_text())
   assert scored["bytes"] == corpus.stat().st_size
   lm = blt_jax.from_pretrained(folder, seq_len=SEQ_LEN)
@@ -35,13 +32,17 @@ def test_pretrained_modes_run_and_bad_folders_exit_2(tmp_path):
   logp = lm.next_byte_logprobs(data)
   nll = -float(logp[np.arange(len(data)), np.frombuffer(data, np.uint8)].sum())
   assert abs(scored["loss"] - nll / len(data)) < 1e-4  # windows of SEQ_LEN, BOS each
-  result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *common, "--config.mode=sample",
-                           "--config.sample.max_bytes=12", "--config.sample.temperature=0"],
-                          capture_output=True, cwd=ROOT, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout == b"def " + lm.generate([b"def "], max_bytes=12)[0] + b"\n"
-  result = launch(*common, "--config.mode=patch", "--config.patching.text=def f(x): return x")
-  assert result.returncode == 0 and (tmp_path / "patches.png").exists(), result.stderr[-2000:]
+  capfdbinary.readouterr()
+  jobs.run(config(**{"mode": "sample", "sample.prompt": "def ", "sample.max_bytes": 12,
+                     "sample.temperature": 0.0}), tmp_path)
+  assert capfdbinary.readouterr().out == b"def " + lm.generate([b"def "], max_bytes=12)[0] + b"\n"
+  text = b"def f(x): return x"
+  jobs.run(config(**{"mode": "patch", "patching.text": text.decode()}), tmp_path)
+  h = entropy.document_entropies(lm.patcher.lm, text)  # the folder's patcher and threshold
+  starts = patching.patch_starts(h, mode="global", threshold=lm.patcher.rule.threshold)
+  printed = capfdbinary.readouterr().out
+  assert printed.startswith(plots.marked_text(text, np.asarray(starts)).encode() + b"\n")
+  assert (tmp_path / "patches.png").exists()
   result = launch("--config=configs/blt_pretrained.py", f"--workdir={tmp_path}",
                   f"--config.model.path={FIXTURES / 'qwen3_tiny'}")
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -79,14 +80,17 @@ def test_fine_tuning_starts_from_the_folder(tmp_path):
 
 def test_fine_tune_run_trains_and_saves_as_a_folder(tmp_path):
   folder = FIXTURES / "blt_tiny_entropy"
-  result = launch("--config=configs/blt_paper.py:size=tiny", f"--workdir={tmp_path / 'run'}",
-                  f"--config.model.init_from={folder}", "--config.train.steps=6",
-                  "--config.ckpt.every_steps=6", "--config.patching.mode=static",
-                  "--config.patching.patch_size=4")  # static: no entropy model to train
-  assert result.returncode == 0, result.stderr[-3000:]
+  jobs.run(config_files.load("configs.blt_paper:size=tiny", {
+      "model.init_from": str(folder), "train.steps": 6, "ckpt.every_steps": 6,
+      "eval.max_bytes": 2048, "patching.mode": "static", "patching.patch_size": 4}),
+      tmp_path / "run")  # static: no entropy model to train
   lm = blt_jax.load(tmp_path / "run")
   assert lm.model.cfg.init_from == str(folder) and lm.model.cfg.enc_window == 16
   lm.save_pretrained(tmp_path / "out")
+  name = "model.global_transformer.layers.0.mlp.down_proj.weight"
+  moved = np.abs(hf_files.read_checkpoint(tmp_path / "out")[name]
+                 - hf_files.read_checkpoint(folder)[name])
+  assert 0 < moved.max() < 0.1  # trained from the folder's weights, a little
   again = blt_jax.from_pretrained(tmp_path / "out", seq_len=lm.seq_len)
   text = b"def f(x):\n    return x + 1\n"  # few enough patches that no window folds
   window = lm.patcher(text, lm.windows(text))

@@ -223,18 +223,11 @@ def patcher_entries(cfg: ByteLMConfig) -> list:
   return out
 
 
-def _variable(module, path):
-  node = module
-  for part in path:
-    node = node[part] if isinstance(part, int) else getattr(node, part)
-  return node
-
-
 def load_entries(module, entries: list, tensors: dict, source) -> None:
   """Copies HF tensors into `module` (built with `nnx.eval_shape` or real), checking
   shapes; every parameter gets float32."""
   for e in entries:
-    var = _variable(module, e.path)
+    var = hf_files.variable(module, e.path)
     parts = []
     for i, name in enumerate(e.names):
       w = np.asarray(tensors[name], np.float32)
@@ -255,7 +248,7 @@ def tensors_of(module, entries: list, dtype=np.float32) -> dict:
   """HF tensors (name -> numpy array) of `module`'s parameters."""
   out = {}
   for e in entries:
-    w = np.asarray(_variable(module, e.path).get_value(), np.float32)
+    w = np.asarray(hf_files.variable(module, e.path).get_value(), np.float32)
     if not e.linear:
       out[e.names[0]] = w.astype(dtype)
       continue

@@ -131,3 +131,11 @@ def write_checkpoint(path: str | Path, config: dict, tensors: dict,
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
   except OSError as e:
     raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def variable(module, path: tuple):
+  """The nnx variable at `path` (attribute names and list indices) inside `module`."""
+  node = module
+  for part in path:
+    node = node[part] if isinstance(part, int) else getattr(node, part)
+  return node

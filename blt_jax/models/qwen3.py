@@ -28,7 +28,7 @@ from blt_jax.constants import BYTES, INPUT_VOCAB
 from blt_jax.errors import UserError
 from blt_jax.models import flops, layers
 from blt_jax.models.hf_files import (check_present, checkpoint_names, listing,
-                                     read_checkpoint, read_hf_config)
+                                     read_checkpoint, read_hf_config, variable)
 from blt_jax.models.interface import ByteModel
 
 
@@ -279,13 +279,6 @@ def hf_param_names(cfg: Qwen3Config) -> dict[str, tuple[tuple, bool]]:
   return out
 
 
-def _variable(module, path):
-  node = module
-  for part in path:
-    node = node[part] if isinstance(part, int) else getattr(node, part)
-  return node
-
-
 def load_weights(model: Qwen3, tensors: dict, source="checkpoint"):
   """Copies HF tensors (jax or numpy arrays) into `model` in place, checking names and
   shapes."""
@@ -296,7 +289,7 @@ def load_weights(model: Qwen3, tensors: dict, source="checkpoint"):
   if extra:
     raise UserError(f"{source} has unexpected tensor {listing(extra)}")
   for name, (path, transpose) in expected.items():
-    var = _variable(model, path)
+    var = variable(model, path)
     want = tuple(var.get_value().shape)
     want_hf = want[::-1] if transpose else want
     array = tensors[name]
