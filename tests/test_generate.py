@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import blt_jax
-from blt_jax import decode, entropy, models, patching, sampling
+from blt_jax import config_files, decode, entropy, jobs, models, patching, sampling
 from blt_jax.api import LanguageModel
 from blt_jax.constants import BOS
 from blt_jax.errors import UserError
@@ -245,7 +245,7 @@ def test_empty_prompt_is_bos_alone():
   assert len(out) == 5 and out[0] == want
 
 
-def test_sample_mode_streams_and_batches_a_prompts_file(blt_run, tmp_path):
+def test_sample_mode_streams_and_batches_a_prompts_file(blt_run, tmp_path, capfdbinary):
   prompts = tmp_path / "prompts.txt"
   prompts.write_bytes(b"def f(x):\n\nimport sys\n")
   workdir = blt_run / "patch3"
@@ -260,8 +260,10 @@ def test_sample_mode_streams_and_batches_a_prompts_file(blt_run, tmp_path):
                   enumerate(zip([b"def f(x):", b"", b"import sys"], texts)))
   assert batched.stdout.encode("utf-8", "surrogateescape") == want or batched.stdout == \
       want.decode("utf-8", "replace")
-  single = launch(*base, "--config.sample.prompt=def f(x):")
-  assert single.returncode == 0, single.stderr[-2000:]
-  assert single.stdout.encode("utf-8", "surrogateescape").startswith(b"def f(x):")
-  missing = launch(*base, f"--config.sample.prompts_file={tmp_path / 'none.txt'}")
-  assert missing.returncode == 2 and "cannot read sample.prompts_file" in missing.stderr
+  config = lambda **fields: config_files.load("configs.patch3:size=tiny", {
+      "mode": "sample", "sample.temperature": 0.0, "sample.max_bytes": 20, **fields})
+  capfdbinary.readouterr()
+  jobs.run(config(**{"sample.prompt": "def f(x):"}), workdir)  # one prompt, streamed
+  assert capfdbinary.readouterr().out == b"def f(x):" + texts[0] + b"\n"
+  with pytest.raises(UserError, match="cannot read sample.prompts_file"):
+    jobs.run(config(**{"sample.prompts_file": str(tmp_path / "none.txt")}), workdir)
