@@ -59,7 +59,8 @@ def main():
   total = sum(parts.values())
   print(f"{args.folder}: parameters")
   for name, n in parts.items():
-    print(f"  {name:42s} {n / 1e9:7.3f} B  {4 * n / GiB:6.2f} GiB fp32  {2 * n / GiB:6.2f} GiB bf16")
+    print(f"  {name:42s} {n / 1e9:7.3f} B  {4 * n / GiB:6.2f} GiB fp32  "
+          f"{2 * n / GiB:6.2f} GiB bf16")
   print(f"  {'total':42s} {total / 1e9:7.3f} B  {4 * total / GiB:6.2f} GiB fp32  "
         f"{2 * total / GiB:6.2f} GiB bf16")
   print(f"generation caches, batch {args.batch}, {args.bytes} bytes per window "

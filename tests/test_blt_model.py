@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from blt_jax.constants import BOS
-from blt_jax.models import blt, build, flops, hash_embed
+from blt_jax.models import blt, build, flops, hash_embed, patch_attention
 from blt_jax.models.byte_lm import ByteLM, ByteLMConfig
 
 T, P, K = 32, 12, 2
@@ -67,8 +67,8 @@ def reference_indices(lengths, seq_len):
 ])
 def test_patch_ids_match_reference(lengths):
   L = jnp.array([lengths], jnp.int32)
-  g = np.asarray(blt.byte_patch_ids(L, T))[0]
-  ip = np.asarray(blt.input_patch_ids(jnp.asarray(g)[None]))[0]
+  g = np.asarray(patch_attention.byte_patch_ids(L, T))[0]
+  ip = np.asarray(patch_attention.input_patch_ids(jnp.asarray(g)[None]))[0]
   g_ref, ip_ref = reference_indices(lengths, T)
   np.testing.assert_array_equal(g, g_ref)
   np.testing.assert_array_equal(ip, ip_ref)
@@ -104,8 +104,9 @@ def test_patch_cross_attention_matches_dense_masked_attention(lengths):
   rng = np.random.default_rng(1)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
   ip, g = jnp.asarray(ip_ref)[None], jnp.asarray(g_ref)[None]
-  encoder = lambda q, k, v: blt.slots_attend_own_patch(q.reshape(1, P, K, H, D), k, v, ip)
-  decoder = lambda q, k, v: blt.bytes_attend_own_slots(
+  encoder = lambda q, k, v: patch_attention.slots_attend_own_patch(
+      q.reshape(1, P, K, H, D), k, v, ip)
+  decoder = lambda q, k, v: patch_attention.bytes_attend_own_slots(
       q, k.reshape(1, P, K, H, D), v.reshape(1, P, K, H, D), g)
   for fn, mask, (nq, nk) in ((encoder, enc_mask, (P * K, T)), (decoder, dec_mask, (T, P * K))):
     q, k, v = normal(1, nq, H, D), normal(1, nk, H, D), normal(1, nk, H, D)
@@ -124,7 +125,8 @@ def test_pool_patches_max_mean_and_empty():
   lengths = [3, 5, 1, 7, 2, 4, 6, 4, 0, 0, 0, 0]
   _, ip = reference_indices(lengths, T)
   for mode, fn in (("max", np.max), ("mean", np.mean)):
-    out = np.asarray(blt.pool_patches(jnp.asarray(h), jnp.asarray(ip)[None], P, mode))[0]
+    out = np.asarray(patch_attention.pool_patches(jnp.asarray(h), jnp.asarray(ip)[None], P,
+                                                  mode))[0]
     for p in range(P):
       rows = h[0, ip == p]
       want = fn(rows, axis=0) if len(rows) else np.zeros(5)

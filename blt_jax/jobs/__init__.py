@@ -25,7 +25,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path):
   config = ml_collections.FrozenConfigDict(config)
   if config.mode not in MODES:
     raise UserError(f"unknown mode {config.mode!r} (known: {', '.join(MODES)})")
-  if "model" in config and config.model.kind == api.PRETRAINED and config.mode not in PRETRAINED_MODES:
+  pretrained = "model" in config and config.model.kind == api.PRETRAINED  # (sweeps have none)
+  if pretrained and config.mode not in PRETRAINED_MODES:
     raise UserError(f"a pretrained folder runs mode {', '.join(PRETRAINED_MODES)}, not "
                     f"{config.mode!r} (to fine-tune: configs/blt_paper.py, model.init_from)")
   sharding.initialize(config.mesh)  # multi-host: before anything touches a device
