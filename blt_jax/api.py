@@ -67,8 +67,15 @@ class LanguageModel:
     return data_lib.windows(x, starts, np.minimum(len(x) - starts, self.seq_len),
                             self.seq_len)
 
+  def predicts_bytes(self, what: str):
+    """A BPE-token model predicts tokens: `what` (a byte-level use) is a one-line error."""
+    if self.resolved.model.get("kind") == "token_lm":
+      raise UserError(f"{self.workdir or 'this model'} is a BPE-token model: it has no "
+                      f"{what} (it is scored by mode=eval, bpb over the bytes its tokens cover)")
+
   def next_byte_logprobs(self, data: bytes, batch_size: int = 16) -> np.ndarray:
     """float32 [n, 256]: row t is log p(x[t] | BOS, x[<t]) (within its window of seq_len)."""
+    self.predicts_bytes("next-byte probabilities")
     n = len(data)
     if n == 0:
       return np.zeros((0, BYTES), np.float32)
@@ -98,6 +105,7 @@ class LanguageModel:
   @property
   def decoder(self) -> decode.Decoder:
     """The cached decoder of this model (built on first use)."""
+    self.predicts_bytes("byte generation")
     if self._decoder is None:
       rule = self.resolved.patching
       entropy_lm = self.patcher.lm if self.patcher is not None else None

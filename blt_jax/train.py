@@ -21,7 +21,7 @@ from blt_jax.errors import Stopped, UserError
 from blt_jax.evaluate import Evaluator
 from blt_jax.resolved import PatchRule, Resolved
 
-DEVICE_KEYS = ("inputs", "targets", "mask", "patch_lengths")
+DEVICE_KEYS = ("inputs", "targets", "mask", "patch_lengths", "target_bytes")
 
 
 class Diverged(UserError):
@@ -141,12 +141,13 @@ def to_device(batch: dict, mesh=None) -> dict:
 
 
 def start_record(config: ml_collections.ConfigDict, workdir: Path,
-                 rule: PatchRule | None) -> Resolved:
-  """The run's record: written now when it starts, read back when it resumes (then the
-  job must have patched with the recorded rule)."""
+                 rule: PatchRule | None, derived: dict | None = None) -> Resolved:
+  """The run's record: written now when it starts (the config's model fields, and the
+  `derived` ones the job resolved), read back when it resumes (then the job must have
+  patched with the recorded rule)."""
   recorded = Resolved.of_resumed(workdir)
   if recorded is None:
-    resolved = Resolved.of_start(config.model.to_dict(), rule)
+    resolved = Resolved.of_start({**config.model.to_dict(), **(derived or {})}, rule)
     if jax.process_index() == 0:
       resolved.save(workdir)
     return resolved
@@ -204,14 +205,15 @@ def metrics_row(pending: list, step: int, seconds: float) -> dict:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           splits: splits_lib.Splits, rule: PatchRule | None = None, transform=None,
-          eval_transform=None, progress: bool = True, devices=None,
-          until: int | None = None) -> dict:
+          eval_transform=None, derived: dict | None = None, progress: bool = True,
+          devices=None, until: int | None = None) -> dict:
   """Trains (or resumes) a run to `train.steps` (or stops after step `until`), then
   evaluates on held-out data.
 
   `rule` is the patching of a patched model, and `transform` maps each numpy batch
   before it reaches the model (adds patch lengths by that rule); `eval_transform` does the
-  same for eval corpora (default: same). The model is built from the run's record
+  same for eval corpora (default: same); `derived` holds model fields the job resolved
+  (a token model's slots). The model is built from the run's record
   (`resolved.json`, written when it starts), and a fresh run starts from the model's
   pretrained weights, if any. The mesh (`config.mesh`) spans `devices` (default: all).
   Returns the final eval metrics, also written to `<workdir>/eval.json`.
@@ -221,7 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
   t = config.train
   mesh = sharding.train_mesh(config, devices)
   splits_lib.claim(workdir, splits.split)  # never resume on another split
-  resolved = start_record(config, workdir, rule)
+  resolved = start_record(config, workdir, rule, derived)
   eval_transform = eval_transform or transform
   shard, n_shards = sharding.process_shard()
   train_iter = iter(data.train_dataset(splits.corpus, splits.train_ids,

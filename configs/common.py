@@ -228,6 +228,8 @@ def sweep_config(arg: str | None, *, title: str, description: str, variants: dic
                                  # patcher) or workdirs of trained next-byte models (byte LM,
                                  # fine-tuned Qwen3); entropy-patched variants run with each
   c.sweep.only = ""              # comma-separated variant names to run; '' = all
+  c.sweep.runs_dir = ""          # where the rows' runs live ('' = the sweep's workdir): sweeps
+                                 # sharing it reuse each other's finished rows (same config)
   c.sweep.sample_text = SAMPLE_TEXT  # the text of the patch-boundary figure
   c.sweep.connect = True         # plots join each series' points (rows ordered along x)
   c.mesh = base_config(arg).mesh  # the device mesh of every variant (and multi-host start)

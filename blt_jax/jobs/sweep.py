@@ -23,6 +23,7 @@ from flax import nnx
 from blt_jax import api, checkpoint, config_files, entropy, files, models, patching, plots, train
 from blt_jax.errors import UserError
 from blt_jax.jobs import entropy_model, train as train_job
+from blt_jax.models import flops
 from blt_jax.resolved import Resolved
 from blt_jax.splits import Splits
 from blt_jax.workdir_lock import WorkdirLock
@@ -39,12 +40,14 @@ COLUMNS = (
     ("params", "params (M)", "{:.2f}"),
     ("params_without_hash", "w/o hash (M)", "{:.2f}"),
     ("train_flops_per_byte", "train MFLOP/byte", "{:.2f}"),
+    ("infer_flops_per_byte", "infer MFLOP/byte", "{:.2f}"),
     ("xla_train_flops_per_byte", "XLA MFLOP/byte", "{:.2f}"),
     ("train_bytes_per_s", "bytes/s", "{:.0f}"),
     ("wall_s", "wall (s)", "{:.0f}"),
+    ("eval_bytes", "held-out bytes", "{:.0f}"),
 )
 SCALE = {"params": 1e-6, "params_without_hash": 1e-6, "train_flops_per_byte": 1e-6,
-         "xla_train_flops_per_byte": 1e-6}
+         "infer_flops_per_byte": 1e-6, "xla_train_flops_per_byte": 1e-6}
 
 
 # ------------------------------------------------------------------------- variants
@@ -69,8 +72,8 @@ def expand(sweep: ml_collections.ConfigDict) -> list[dict]:
     for model in (models if uses_entropy else ["default"]):
       label = name if model == "default" or len(models) == 1 else f"{name}@{Path(model).name}"
       extra = {} if model == "default" else {"patching.entropy_workdir": model}
-      series = probe.patching.mode + (f"@{Path(model).name}" if uses_entropy and len(models) > 1
-                                      else "")
+      series = (probe.model.kind if probe.patching.mode == "none" else probe.patching.mode)
+      series += f"@{Path(model).name}" if uses_entropy and len(models) > 1 else ""
       for seed in range(sweep.seeds):
         runs.append(dict(name=label, config=v.config, overrides={**overrides, **extra},
                          seed=seed, series=series))
@@ -121,8 +124,7 @@ def run_one(config, run: dict, workdir: Path) -> dict:
   summary_file = workdir / "summary.json"
   summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
   if summary.get("step", -1) >= config.train.steps:
-    saved = checkpoint.read_config(workdir)[0]
-    checkpoint.check_same_model(saved, config.model.to_dict(), workdir)  # a stale row
+    check_same_run(checkpoint.read_config(workdir)[0], config, workdir)  # a stale row
     print(f"{run['name']} seed {run['seed']}: finished, reusing {workdir}")
   else:
     print(f"\n=== {run['name']} seed {run['seed']} ({run['config']}) -> {workdir}")
@@ -133,10 +135,29 @@ def run_one(config, run: dict, workdir: Path) -> dict:
     summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(
         config, Resolved.of_run(workdir).model)
     files.write_json(summary_file, summary)
+  summary.setdefault("infer_flops_per_byte",  # (summaries written before it was recorded)
+                     summary["train_flops_per_byte"] / flops.TRAIN_PER_FORWARD)
   return {"variant": run["name"], "seed": run["seed"], "series": run["series"],
-          "config": run["config"], "patching": config.patching.mode,
+          "config": run["config"], "kind": config.model.kind, "patching": config.patching.mode,
           "target_patch_size": config.patching.target_patch_size,
-          "workdir": str(workdir), **summary}
+          "workdir": str(workdir), "eval_bytes": summary["bytes"], **summary}
+
+
+# Fields that change what a run computes: a finished row is reused only when they match.
+SAME_RUN = ("model", "patching", "data", "train")
+NOT_COMPUTED = ("patching.text", "patching.file", "data.cache_dir", "train.stop_at",
+                "train.log_every")
+
+
+def check_same_run(saved: dict, config: ml_collections.ConfigDict, workdir: Path):
+  """A finished run is this row only if it was trained with this row's config."""
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  want = config_files.flatten({k: config[k].to_dict() for k in SAME_RUN if k != "model"})
+  have = config_files.flatten({k: saved.get(k, {}) for k in SAME_RUN if k != "model"})
+  for key, value in want.items():  # (a field newer than the run is not compared)
+    if key in have and key not in NOT_COMPUTED and json.loads(json.dumps(value)) != have[key]:
+      raise UserError(f"{workdir} is a finished run with {key}={have.get(key)!r}, but this "
+                      f"sweep's row says {value!r}; use another workdir (or runs_dir)")
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path):
@@ -147,9 +168,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
     raise UserError("the sweep has no variants to run")
   check_entropy_models(sweep, runs)
   rows, failed = [], []
+  runs_dir = Path(sweep.runs_dir) if sweep.runs_dir else workdir
   for run in runs:
     try:
-      rows.append(run_one(config, run, workdir / run["name"] / f"seed{run['seed']}"))
+      rows.append(run_one(config, run, runs_dir / run["name"] / f"seed{run['seed']}"))
     except UserError as e:
       print(f"{run['name']} seed {run['seed']} failed: {e}")
       failed.append((run, str(e)))
@@ -180,7 +202,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     table.setdefault(row["variant"], []).append(row)
   out = []
   for name, group in table.items():
-    agg = {k: group[0][k] for k in ("variant", "series", "config", "patching",
+    agg = {k: group[0][k] for k in ("variant", "series", "config", "kind", "patching",
                                     "target_patch_size")}
     agg["seeds"] = len(group)
     for key, _, _ in COLUMNS:
@@ -217,11 +239,11 @@ def markdown_table(table: list[dict]) -> str:
 
 def write_results(workdir: Path, config, rows, table, failed):
   """results.csv (one row per variant), runs.csv (one per seed), results.md."""
-  keys = ["variant", "series", "patching", "target_patch_size", "seeds"]
+  keys = ["variant", "kind", "series", "patching", "target_patch_size", "seeds"]
   keys += [k for k, _, _ in COLUMNS] + [f"{k}_std" for k, _, _ in COLUMNS]
   keys += ["xla_over_analytic", "config"]
   for name, items, cols in (("results.csv", table, keys),
-                            ("runs.csv", rows, ["variant", "seed", "workdir", "config"] +
+                            ("runs.csv", rows, ["variant", "kind", "seed", "workdir", "config"] +
                              [k for k, _, _ in COLUMNS] + ["bytes", "step"])):
     with open(workdir / name, "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

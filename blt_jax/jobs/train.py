@@ -11,9 +11,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from blt_jax import calibration, checkpoint, entropy, files, models, patching, sharding, train
+from blt_jax import (bpe, calibration, checkpoint, entropy, files, models, patching, sharding,
+                     train)
 from blt_jax.errors import UserError
 from blt_jax.jobs import entropy_model
+from blt_jax.models import flops
 from blt_jax.patcher import BatchPatcher, patch_stats
 from blt_jax.resolved import PatchRule, Resolved
 from blt_jax.splits import Splits, check_workdir
@@ -87,19 +89,47 @@ def patchers(config: ml_collections.ConfigDict, splits: Splits, workdir: Path,
   return rule, BatchPatcher(rule, h_train), BatchPatcher(rule, h_eval)
 
 
+def token_windows(config: ml_collections.ConfigDict, splits: Splits, workdir: Path):
+  """(train transform, eval transform, derived model fields) of a BPE-token run. The vocabulary is trained on the training documents only (or
+  read from the cache) and kept in the workdir; training windows get token slots for
+  their bytes per token on training data unless `model.max_tokens` says; eval windows get
+  one slot per byte, so no held-out byte goes unscored. A resumed run keeps its own."""
+  if config.patching.mode != "none":
+    raise UserError(f"a BPE-token model is not patched; patching.mode={config.patching.mode!r}")
+  T = config.data.seq_len
+  recorded = Resolved.of_resumed(workdir)
+  if recorded is not None:
+    tokenizer, slots = bpe.BPE.load(workdir / bpe.TOKENIZER_FILE), recorded.model["max_tokens"]
+  else:
+    tokenizer = bpe.for_training(splits.corpus, splits.train_ids, splits.split.key,
+                                 config.model.vocab_size, config.data.cache_dir)
+    tokenizer.save(workdir / bpe.TOKENIZER_FILE)
+    slots = config.model.max_tokens
+    if slots is None:
+      rows = splits.corpus.data[calibration.calibration_windows(splits, T, config.train.seed)]
+      m = bpe.bytes_per_token(tokenizer, [r.tobytes() for r in rows])
+      slots = patching.max_patches(T, m)
+      print(f"{m:.2f} bytes per token on training data: {slots} token slots per window")
+  return (bpe.TokenWindows(tokenizer, slots), bpe.TokenWindows(tokenizer, T),
+          {"max_tokens": slots})
+
+
 def model_summary(model: models.ByteModel, seq_len: int,
                   mean_patch_size: float | None = None) -> dict:
   """Parameters (with and without hash tables) and analytic training FLOPs per byte."""
   counts = model.param_counts()
+  train_flops = model.flops_per_byte(seq_len, mean_patch_size)
   return {"params": counts["total"], "params_without_hash": counts["without_hash"],
-          "train_flops_per_byte": model.flops_per_byte(seq_len, mean_patch_size)}
+          "train_flops_per_byte": train_flops,
+          "infer_flops_per_byte": train_flops / flops.TRAIN_PER_FORWARD}
 
 
 def format_summary(workdir, s: dict) -> str:
   parts = [f"{workdir}: held-out bpb {s['bpb']:.4f}", f"accuracy {s['accuracy']:.3f}",
            f"on {s['bytes']} bytes"]
   if "mean_patch_size" in s:
-    parts.append(f"mean patch size {s['mean_patch_size']:.2f}")
+    unit = "bytes per token" if s.get("kind") == "token_lm" else "mean patch size"
+    parts.append(f"{unit} {s['mean_patch_size']:.2f}")
   parts += [f"params {s['params'] / 1e6:.2f}M ({s['params_without_hash'] / 1e6:.2f}M "
             "without hash tables)", f"{s['train_flops_per_byte'] / 1e6:.1f} MFLOP/byte (train)",
             f"{s['train_bytes_per_s']:.0f} bytes/s", f"wall {s['wall_s']:.0f}s"]
@@ -111,14 +141,19 @@ def run(config: ml_collections.ConfigDict, workdir: Path, progress: bool = True)
   sharding.train_mesh(config)  # a bad mesh or batch fails before any data is read
   splits = Splits(config)
   check_workdir(workdir, splits.split)  # fails before anything trains
-  rule, transform, eval_transform = patchers(config, splits, workdir, progress)
-  summary = {}
-  if eval_transform is not None:
-    batches, _ = splits.eval_batches(config, config.eval.max_bytes)
-    summary.update(patch_stats(eval_transform, batches))
+  summary, derived, rule = {"kind": config.model.kind}, {}, None
+  batches, _ = splits.eval_batches(config, config.eval.max_bytes)
+  if config.model.kind == "token_lm":
+    transform, eval_transform, derived = token_windows(config, splits, workdir)
+    summary["mean_patch_size"] = bpe.bytes_per_token(  # bytes per token, held-out
+        eval_transform.bpe, [t for b in batches for t in bpe.window_texts(b)])
+  else:
+    rule, transform, eval_transform = patchers(config, splits, workdir, progress)
+    if eval_transform is not None:
+      summary.update(patch_stats(eval_transform, batches))
   summary.update(train.train(config, workdir, splits=splits, rule=rule, transform=transform,
-                             eval_transform=eval_transform, progress=progress,
-                             until=config.train.stop_at))
+                             eval_transform=eval_transform, derived=derived,
+                             progress=progress, until=config.train.stop_at))
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   summary["train_bytes_per_s"] = float(np.median([r["bytes_per_s"] for r in rows[1:] or rows]))
   summary["wall_s"] = time.time() - t0

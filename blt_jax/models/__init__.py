@@ -15,6 +15,7 @@ from blt_jax.models.blt import BLT, BLTConfig
 from blt_jax.models.byte_lm import ByteLM, ByteLMConfig
 from blt_jax.models.interface import ByteModel
 from blt_jax.models.qwen3 import ByteQwen3, ByteQwen3Config
+from blt_jax.models.token_lm import TokenLM, TokenLMConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ KINDS = {
     "byte_lm": Kind(ByteLMConfig, ByteLM),
     "blt": Kind(BLTConfig, BLT, blt_hf.resolve, blt_hf.load_into),
     "qwen3": Kind(ByteQwen3Config, ByteQwen3, ByteQwen3Config.resolve),
+    "token_lm": Kind(TokenLMConfig, TokenLM),
 }
 
 

@@ -30,16 +30,22 @@ class ByteLM(ByteModel):
 
   def __init__(self, cfg: ByteLMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    vocab.check(cfg.vocab)
+    rows, columns = self.vocab_shape(cfg)
     dtype = jnp.dtype(cfg.dtype)
-    self.embed = nnx.Embed(vocab.input_rows(cfg.vocab), cfg.dim, dtype=dtype,
+    self.embed = nnx.Embed(rows, cfg.dim, dtype=dtype,
                            param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
     self.trunk = layers.Transformer(cfg.dim, cfg.n_layers, cfg.n_heads, window=cfg.window,
                                     mlp_ratio=cfg.mlp_ratio, mlp_dim=cfg.mlp_dim,
                                     rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
                                     dtype=dtype, remat=cfg.remat, rngs=rngs)
-    self.head = layers.dense(cfg.dim, vocab.output_columns(cfg.vocab), rngs=rngs, dtype=dtype)
+    self.head = layers.dense(cfg.dim, columns, rngs=rngs, dtype=dtype)
+
+  @staticmethod
+  def vocab_shape(cfg) -> tuple[int, int]:
+    """(input embedding rows, logits per position)."""
+    vocab.check(cfg.vocab)
+    return vocab.input_rows(cfg.vocab), vocab.output_columns(cfg.vocab)
 
   def tokens_embedded(self, ids_BxT):
     return self.embed(vocab.tokens(ids_BxT, self.cfg.vocab))

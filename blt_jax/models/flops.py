@@ -1,4 +1,4 @@
-"""Analytic training FLOPs per byte for the byte LM and BLT (matched-compute comparisons).
+"""Analytic training FLOPs per byte for every model kind (matched-compute comparisons).
 
 Conventions (one multiply-add = 2 FLOPs; training = 3 x forward, i.e. backward = 2 x forward):
 - a dense layer din -> dout costs 2 * din * dout per row it is applied to;
@@ -8,11 +8,14 @@ Conventions (one multiply-add = 2 FLOPs; training = 3 x forward, i.e. backward =
   c = mean_{i < n} min(i + 1, w) (w = n when unwindowed). Masked-out keys are not counted
   (model FLOPs, not the FLOPs the dense masked kernels execute);
 - embedding lookups (bytes and hash n-grams), norms, RoPE, softmax, pooling are not counted.
+Inference FLOPs per byte are the forward's: training / TRAIN_PER_FORWARD.
 """
 from __future__ import annotations
 
 from blt_jax.constants import BYTES
 from blt_jax.models import layers, vocab
+
+TRAIN_PER_FORWARD = 3.0  # forward + backward (2 x forward)
 
 
 def mean_context(n: int, window: int = 0) -> float:
@@ -29,12 +32,24 @@ def block_flops(dim: int, mlp_ratio: float, context: float, mlp_dim: int = 0) ->
   return 2 * (4 * dim * dim + 3 * dim * hidden) + 4 * dim * context
 
 
+def lm_forward_flops(cfg, n_rows: int, columns: int) -> float:
+  """Forward FLOPs per row of a ByteLM-shaped transformer over `n_rows` rows with a
+  `columns`-way head."""
+  ctx = mean_context(n_rows, cfg.window)
+  return (cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx, cfg.mlp_dim)
+          + 2 * cfg.dim * columns)
+
+
 def byte_lm_flops_per_byte(cfg, seq_len: int) -> float:
   """Training FLOPs per byte of ByteLM at sequence length `seq_len`."""
-  ctx = mean_context(seq_len, cfg.window)
-  fwd = (cfg.n_layers * block_flops(cfg.dim, cfg.mlp_ratio, ctx, cfg.mlp_dim)
-         + 2 * cfg.dim * vocab.output_columns(cfg.vocab))
-  return 3.0 * fwd
+  return TRAIN_PER_FORWARD * lm_forward_flops(cfg, seq_len, vocab.output_columns(cfg.vocab))
+
+
+def token_lm_flops_per_byte(cfg, seq_len: int, bytes_per_token: float) -> float:
+  """Training FLOPs per byte of TokenLM over windows of `seq_len` bytes, each tokenized
+  into seq_len / bytes_per_token tokens (its attention context)."""
+  n_tokens = max(1, round(seq_len / bytes_per_token))
+  return TRAIN_PER_FORWARD * lm_forward_flops(cfg, n_tokens, cfg.vocab_size) / bytes_per_token
 
 
 def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) -> float:
@@ -70,7 +85,7 @@ def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) 
                + (2 * k * S * G if k * S != G else 0)
                + cfg.global_layers * glob
                + 2 * G * k * D + c * k * 2 * 2 * D * D)
-  return 3.0 * (per_byte + per_patch / m)
+  return TRAIN_PER_FORWARD * (per_byte + per_patch / m)
 
 
 def qwen3_flops_per_byte(cfg, seq_len: int) -> float:
@@ -79,4 +94,4 @@ def qwen3_flops_per_byte(cfg, seq_len: int) -> float:
   d = cfg.hidden_size
   block = 2 * (d * q + 2 * d * kv + q * d + 3 * d * cfg.intermediate_size)
   block += 4 * q * mean_context(seq_len)
-  return 3.0 * (cfg.num_hidden_layers * block + 2 * d * BYTES)
+  return TRAIN_PER_FORWARD * (cfg.num_hidden_layers * block + 2 * d * BYTES)
