@@ -202,11 +202,15 @@ def for_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Langua
   return load(workdir, config.eval.step)
 
 
-def load(workdir: str | Path, step: int | None = None) -> LanguageModel:
+def load(workdir: str | Path, step: int | None = None,
+         runtime: dict | None = None) -> LanguageModel:
   """Restores a run's model (parameters only; latest step by default), its config and
-  record, and for BLT its patcher with the run's entropy model."""
+  record, and for BLT its patcher with the run's entropy model. `runtime`: model fields
+  of how it computes (`checkpoint.RUNTIME_FIELDS`, e.g. {'zero_global': True}) to change."""
   saved, _ = checkpoint.read_config(workdir, step)
   resolved = Resolved.of_run(workdir)
+  if runtime:
+    resolved = dataclasses.replace(resolved, model={**resolved.model, **runtime})
   model, step = restore_model(workdir, resolved.model, step)
   rule, patcher = resolved.patching, None
   if rule is not None:

@@ -242,7 +242,7 @@ def latest_step(workdir: str | Path) -> int | None:
 
 
 # How a model computes, not what it stores: these may change when a run resumes.
-RUNTIME_FIELDS = ("dtype", "remat", "global_capacity")
+RUNTIME_FIELDS = ("dtype", "remat", "global_capacity", "zero_global")
 
 
 def check_same_model(saved: dict, model: dict, workdir):

@@ -171,6 +171,7 @@ def blt_config(arg: str | None, *, mode: str, target_patch_size: float = 0.0,
   c.model.rope_theta = 10000.0
   c.model.dtype = "bfloat16" if size == "gpu" else "float32"
   c.model.remat = False
+  c.model.zero_global = False  # an ablation: the decoder reads zeros for the global slots
   expected = expected_patch_size or target_patch_size or patch_size
   # Patch slots P per window; None = derived from the rule's mean patch size on training data.
   c.model.max_patches = max_patches(c.data.seq_len, expected)

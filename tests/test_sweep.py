@@ -10,7 +10,8 @@ import math
 import pytest
 
 import blt_jax
-from blt_jax import models
+from blt_jax import checkpoint, models
+from blt_jax.errors import UserError
 from blt_jax.jobs import sweep
 from tests.conftest import launch, tiny_config
 from tests.test_qwen3 import with_tokenizer
@@ -35,9 +36,13 @@ def test_patch_size_sweep_table(sweep_dir):
   for r in rows:
     for key in ("bpb", "loss", "accuracy", "perplexity", "mean_patch_size", "params",
                 "params_without_hash", "train_flops_per_byte", "xla_train_flops_per_byte",
-                "wall_s", "train_bytes_per_s"):
+                "wall_s", "train_bytes_per_s", "infer_flops_per_byte", "eval_bytes"):
       assert math.isfinite(float(r[key])), (r["variant"], key, r[key])
     assert 0 < float(r["bpb"]) < 8 and float(r["params_without_hash"]) < float(r["params"])
+    assert r["kind"] == "blt"
+    assert float(r["infer_flops_per_byte"]) == pytest.approx(float(r["train_flops_per_byte"]) / 3)
+  eval_bytes = {r["eval_bytes"] for r in rows}  # every row scored on the same held-out bytes
+  assert len(eval_bytes) == 1 and float(eval_bytes.pop()) > 10000
   sizes = [float(r["mean_patch_size"]) for r in rows]  # held-out sizes follow the targets
   assert sizes[0] < 4 < 9 < sizes[-1]
   flops = [float(r["train_flops_per_byte"]) for r in rows]
@@ -91,6 +96,21 @@ def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):
   assert lm.next_byte_logprobs(b"def f(x):\n  return x\n").shape == (21, 256)
 
 
+def test_a_finished_row_is_reused_only_with_its_own_config(sweep_dir):
+  config = importlib.import_module("configs.sweeps.patch_size").get_config("size=tiny")
+  config.sweep.entropy_models = str(sweep_dir / "entropy")
+  run = next(r for r in sweep.expand(config.sweep) if r["name"] == "patch3")
+  workdir = sweep_dir / "ps" / "patch3" / "seed0"
+  saved = checkpoint.read_config(workdir)[0]
+  sweep.check_same_run(saved, sweep.variant_config(config.sweep, run), workdir)  # the row
+  for field, value in (("train.steps", 11), ("patching.target_patch_size", 4.0),
+                       ("data.seq_len", 32), ("model.dec_layers", 2)):
+    other = sweep.variant_config(config.sweep, {**run, "overrides": {**run["overrides"],
+                                                                     field: value}})
+    with pytest.raises(UserError, match=field.split(".")[1]):
+      sweep.check_same_run(saved, other, workdir)
+
+
 def test_aggregate_over_seeds():
   rows = [dict(variant="a", series="global", config="c", patching="global",
                target_patch_size=3.0, bpb=b, loss=b * 0.69, mean_patch_size=3.0)
@@ -102,7 +122,8 @@ def test_aggregate_over_seeds():
 
 
 def test_every_sweep_config_expands():
-  expected = {"patch_size": 5, "threshold": 10, "scheme": 5, "architecture": 8}
+  expected = {"patch_size": 5, "threshold": 10, "scheme": 5, "architecture": 8,
+              "tokens_vs_patches": 7, "budget": 4, "understanding": 5}
   for name, n in expected.items():
     config = importlib.import_module(f"configs.sweeps.{name}").get_config("size=tiny")
     runs = sweep.expand(config.sweep)

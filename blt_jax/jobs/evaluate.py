@@ -1,5 +1,6 @@
 """Mode `eval`: restore a run's checkpoint and score the documents it held out (or all of
-`eval.corpus`), writing `<workdir>/eval.json`."""
+`eval.corpus`), writing `<workdir>/eval.json` (`eval_<field>-<value>.json` when the
+invocation changes how the model computes: `model.zero_global`, `model.dtype`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +16,7 @@ from blt_jax.splits import SPLIT_FILE, Split, Splits
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path):
+  changes = {}
   if config.model.kind == api.PRETRAINED:
     lm = api.for_config(config, workdir)
     config = ml_collections.ConfigDict(
@@ -22,7 +24,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
     splits = Splits(config)  # this config's split of data.corpus (or all of eval.corpus)
     workdir.mkdir(parents=True, exist_ok=True)
   else:
-    lm, config, splits = restore(config, workdir)
+    lm, config, splits, changes = restore(config, workdir)
   transform = None
   if lm.patcher is not None:
     rule, entropy_lm = lm.patcher.rule, lm.patcher.lm
@@ -35,20 +37,33 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
   graphdef, state = nnx.split(lm.model)
   result = Evaluator(graphdef)(state, (train.to_device(b) for b in batches), total=total)
   result.update(step=lm.step, corpus=config.eval.corpus or f"{config.data.corpus} (held-out)")
+  name = "eval.json"
+  if changes:  # an ablation or another dtype: the run's own eval.json stays
+    result["model_changes"] = changes
+    name = "eval_" + "_".join(f"{k}-{v}" for k, v in sorted(changes.items())) + ".json"
   if config.model.kind == api.PRETRAINED:
     result["pretrained"] = str(config.model.path)
-  files.write_json(workdir / "eval.json", result)
+  files.write_json(workdir / name, result)
   print(f"{workdir} step {lm.step}: bpb {result['bpb']:.4f}  loss {result['loss']:.4f}  "
         f"accuracy {result['accuracy']:.3f}  perplexity {result['perplexity']:.3f}  "
         f"on {result['bytes']} bytes of {result['corpus']}")
 
 
+def runtime_changes(config: ml_collections.ConfigDict, saved: dict) -> dict:
+  """The fields of how the model computes that this invocation changes from the run's
+  (an ablation such as `model.zero_global`, or another dtype)."""
+  return {k: v for k, v in config.model.to_dict().items()
+          if k in checkpoint.RUNTIME_FIELDS and v != saved.get("model", {}).get(k, v)}
+
+
 def restore(config: ml_collections.ConfigDict, workdir: Path):
-  """A trained run's model, its own config (with this invocation's eval section and cache)
-  and the documents it held out."""
+  """A trained run's model (with this invocation's changes of how it computes), its own
+  config (with this invocation's eval section and cache), the documents it held out, and
+  those changes."""
   saved, _ = checkpoint.read_config(workdir, config.eval.step)
   checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
-  lm = api.load(workdir, config.eval.step)
+  changes = runtime_changes(config, saved)
+  lm = api.load(workdir, config.eval.step, runtime=changes)
   config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),
                                       "data": {**lm.config.data.to_dict(),
                                                "cache_dir": config.data.cache_dir}})
@@ -57,4 +72,4 @@ def restore(config: ml_collections.ConfigDict, workdir: Path):
     raise UserError(f"{workdir} has no {SPLIT_FILE}: it was trained before runs recorded "
                     "their held-out split, so its held-out documents are unknown; "
                     "evaluate it on eval.corpus")
-  return lm, config, Splits(config, recorded)
+  return lm, config, Splits(config, recorded), changes

@@ -103,6 +103,10 @@ def token_windows(config: ml_collections.ConfigDict, splits: Splits, workdir: Pa
   else:
     tokenizer = bpe.for_training(splits.corpus, splits.train_ids, splits.split.key,
                                  config.model.vocab_size, config.data.cache_dir)
+    if tokenizer.vocab_size != config.model.vocab_size:
+      raise UserError(f"the training documents give only {tokenizer.vocab_size} BPE tokens, "
+                      f"not model.vocab_size={config.model.vocab_size}; lower it")
+    workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(workdir / bpe.TOKENIZER_FILE)
     slots = config.model.max_tokens
     if slots is None:

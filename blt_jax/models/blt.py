@@ -69,6 +69,9 @@ class BLTConfig:
   dec_cross_all_layers: bool = False  # the decoder cross-attends before every layer
   inner_norms: bool = True       # final norms on the encoder and global outputs
   init_from: str = ""            # a BltForCausalLM folder: its shape, and weights to start from
+  zero_global: bool = False      # the decoder reads zeros for the global slots (an ablation:
+                                 # in training, a BLT without its global path; at eval, a
+                                 # trained BLT's bytes without what the global adds)
   dtype: str = "float32"         # compute dtype; parameters stay float32
   remat: bool = False            # recompute block activations in the backward pass
 
@@ -146,6 +149,11 @@ class BLT(ByteModel):
     """The global transformer's input [B, P, G] from the k slots of each patch."""
     return z_BxPxkS if self.global_in is None else self.global_in(z_BxPxkS)
 
+  def decoder_slots(self, z_xG):
+    """The decoder's k slots [..., k * D] of global outputs (zeros with `zero_global`)."""
+    slots = self.dec_slots(z_xG)
+    return jnp.zeros_like(slots) if self.cfg.zero_global else slots
+
   def cross_before(self, slots_BxPkxD, g_BxT):
     """The decoder's `before` hook: layer i's input cross-attends (when it has a
     cross-attention) to the k slots of global patch g (complete patches only)."""
@@ -219,7 +227,7 @@ class BLT(ByteModel):
     q_BxPkxS = self.enc_slots(pool_patches(h_BxTxE, ip_BxT, P, cfg.pooling)).reshape(B, P * k, -1)
     z_BxPxG = self.global_input(self.enc_cross(q_BxPkxS, h_BxTxE, ip_BxT).reshape(B, P, -1))
     z_BxPxG, glob = self.global_tf.prefill(z_BxPxG)
-    slots_BxPxkxD = self.dec_slots(z_BxPxG).reshape(B, P, k, -1)
+    slots_BxPxkxD = self.decoder_slots(z_BxPxG).reshape(B, P, k, -1)
     d_BxTxD = h_BxTxE if self.enc_to_dec is None else self.enc_to_dec(h_BxTxE)
     d_BxTxD, dec = self.decoder.prefill(
         d_BxTxD, before=self.cross_before(slots_BxPxkxD.reshape(B, P * k, -1), g_BxT))
@@ -312,7 +320,7 @@ class BLT(ByteModel):
     z_Bx1xG, glob = self.global_tf.step(self.global_input(z_BxkxS.reshape(B, 1, -1)),
                                         cache["glob"], new_g_B,
                                         write_B=new_patch_B, entries=entries)
-    slots_BxkxD = self.dec_slots(z_Bx1xG).reshape(B, k, -1)
+    slots_BxkxD = self.decoder_slots(z_Bx1xG).reshape(B, k, -1)
     new_N = layers.per_head(new_patch_B, self.dec_cross.attn.n_heads)
     slots = [tuple(jnp.where(new_N[:, None, None], new, old) for new, old in
                    zip(c.keys_values(slots_BxkxD), kv))
@@ -380,9 +388,9 @@ class BLT(ByteModel):
     if packed:
       packing = self.packing_of(g_BxT, P, shards)
       z_NxCxG = self.global_tf(packing.pack(z_BxPxG), packing=packing)
-      slots_BxPxkD = packing.unpack(self.dec_slots(z_NxCxG))
+      slots_BxPxkD = packing.unpack(self.decoder_slots(z_NxCxG))
     else:
-      slots_BxPxkD = self.dec_slots(self.global_tf(z_BxPxG))
+      slots_BxPxkD = self.decoder_slots(self.global_tf(z_BxPxG))
 
     # Local decoder: byte i reads the k slots of global patch g[i] (complete patches only).
     slots_BxPkxD = slots_BxPxkD.reshape(B, P * k, -1)

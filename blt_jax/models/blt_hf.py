@@ -301,7 +301,7 @@ def load(path: str | Path, seq_len: int | None = None) -> tuple[Released, BLT, B
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-RUNTIME = ("max_patches", "global_capacity", "dtype", "remat", "init_from")
+RUNTIME = ("max_patches", "global_capacity", "dtype", "remat", "init_from", "zero_global")
 
 
 def resolve(cfg: BLTConfig) -> BLTConfig:
