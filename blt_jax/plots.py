@@ -1,10 +1,11 @@
 """Figures: per-byte entropy with the threshold and patch boundaries; patch-length
-histograms; sweep curves."""
+histograms; sweep curves and bars."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -108,6 +109,34 @@ def sweep_curve(table: list[dict], *, x: str, xlabel: str, path: str | Path, tit
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, title="patching")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def sweep_bars(table: list[dict], *, path: str | Path, title: str):
+  """Held-out bpb (± std over seeds) of every variant as a bar, coloured by series, with
+  its training MFLOP per byte written on it: a matched-compute comparison at a glance."""
+  rows = [r for r in table if "bpb" in r]
+  fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 1.5), 4.2))
+  colours = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["series"] for r in rows))}
+  x = np.arange(len(rows))
+  ax.bar(x, [r["bpb"] for r in rows], yerr=[r.get("bpb_std", 0.0) for r in rows], capsize=3,
+         color=[colours[r["series"]] for r in rows])
+  for i, r in enumerate(rows):
+    if "train_flops_per_byte" in r:
+      ax.annotate(f"{r['train_flops_per_byte'] * 1e-6:.3g}", (i, r["bpb"]), ha="center",
+                  textcoords="offset points", xytext=(0, 8), fontsize=7)
+  low = min(r["bpb"] - r.get("bpb_std", 0.0) for r in rows)
+  high = max(r["bpb"] + r.get("bpb_std", 0.0) for r in rows)
+  ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.25 * (high - low + 1e-3))
+  ax.set_xticks(x)
+  ax.set_xticklabels([r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("held-out bits per byte")
+  ax.set_title(title + " (numbers: train MFLOP/byte)", fontsize=10)
+  ax.legend(handles=[matplotlib.patches.Patch(color=c, label=s) for s, c in colours.items()],
+            fontsize=8, title="series")
+  ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

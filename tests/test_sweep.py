@@ -49,7 +49,7 @@ def test_patch_size_sweep_table(sweep_dir):
   assert flops == sorted(flops, reverse=True)  # bigger patches: fewer global steps
   table = (sweep_dir / "ps" / "results.md").read_text()
   assert all(f"| {name} | global |" in table for name in PATCH_SIZES)
-  for png in ("bpb_vs_patch_size.png", "bpb_vs_flops.png", "patches.png"):
+  for png in ("bpb_vs_patch_size.png", "bpb_vs_flops.png", "bpb_by_variant.png", "patches.png"):
     assert (sweep_dir / "ps" / png).stat().st_size > 5000
   for name in PATCH_SIZES:  # every row is an ordinary run with its own eval and checkpoint
     run = sweep_dir / "ps" / name / "seed0"

@@ -272,6 +272,7 @@ def plot_results(workdir: Path, sweep, table: list[dict], rows: list[dict]):
   plots.sweep_curve(table, x="train_flops_per_byte", xlabel="training MFLOP per byte",
                     path=workdir / "bpb_vs_flops.png", title=sweep.title, x_scale=1e-6,
                     connect=sweep.connect)
+  plots.sweep_bars(table, path=workdir / "bpb_by_variant.png", title=sweep.title)
   boundaries_figure(workdir, sweep, rows)
 
 
