@@ -35,23 +35,27 @@ def token_run(small_corpus, tmp_path_factory):
 
 def independent_bpb(workdir, corpus_root) -> tuple[float, int]:
   """Total token NLL in bits over the held-out bytes, counted here: the held-out files
-  read from disk, cut into T-byte windows, tokenized by `tokenizers` itself, each window's
-  tokens run through the restored model one window at a time (no padding), numpy
-  log-softmax."""
+  read from disk, cut into T-byte windows, tokenized by `tokenizers` itself, the windows'
+  tokens run through the restored model (each row BOS-led, zeros after its tokens: a
+  causal model's rows before them do not see them), numpy log-softmax."""
   held_out = json.loads((workdir / "split.json").read_text())["held_out"]
   tokenizer = Tokenizer.from_file(str(workdir / "tokenizer.json"))
-  lm = blt_jax.load(workdir)
   V = tokenizer.get_vocab_size()
-  nll_bits, n_bytes = 0.0, 0
+  rows, n_bytes = [], 0
   for name in held_out:
     raw = (corpus_root / name).read_bytes()
     n_bytes += len(raw)
-    for lo in range(0, len(raw), T):
-      ids = tokenizer.encode(raw[lo:lo + T].decode("latin-1"), add_special_tokens=False).ids
-      logits = np.asarray(lm.model(jax.numpy.asarray([[V] + ids[:-1]])), np.float64)[0]
-      logits -= logits.max(-1, keepdims=True)
-      logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-      nll_bits -= logp[np.arange(len(ids)), ids].sum() / np.log(2)
+    rows += [tokenizer.encode(raw[lo:lo + T].decode("latin-1"), add_special_tokens=False).ids
+             for lo in range(0, len(raw), T)]
+  inputs = np.zeros((len(rows), T), np.int32)
+  for i, ids in enumerate(rows):
+    inputs[i, :len(ids)] = [V] + ids[:-1]
+  logits = np.asarray(blt_jax.load(workdir).model(jax.numpy.asarray(inputs)), np.float64)
+  nll_bits = 0.0
+  for i, ids in enumerate(rows):
+    x = logits[i, :len(ids)] - logits[i, :len(ids)].max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    nll_bits -= logp[np.arange(len(ids)), ids].sum() / np.log(2)
   return nll_bits / n_bytes, n_bytes
 
 
