@@ -245,13 +245,16 @@ def latest_step(workdir: str | Path) -> int | None:
 RUNTIME_FIELDS = ("dtype", "remat", "global_capacity", "zero_global")
 
 
-def check_same_model(saved: dict, model: dict, workdir):
+def check_same_model(saved: dict, model: dict, workdir, defaults: dict | None = None):
   """A checkpoint restores only into the model shape it was saved from: `saved` is the
-  config saved with it, `model` the model fields asked for now."""
+  config saved with it, `model` the model fields asked for now. A field the run left to
+  derive (saved as None: its record holds what it used) is not compared; one its config
+  predates is compared with `defaults` (the shape dataclass's), when given."""
   model = json.loads(json.dumps(model))  # tuples become lists, as in the file
+  had = {**json.loads(json.dumps(defaults or {})), **saved.get("model", {})}
   for key, value in model.items():
-    if key in RUNTIME_FIELDS:
+    if key in RUNTIME_FIELDS or (key in saved.get("model", {}) and had[key] is None):
       continue
-    if saved.get("model", {}).get(key) != value:
-      raise UserError(f"checkpoint in {workdir} has model.{key}="
-                      f"{saved.get('model', {}).get(key)!r} but the config says {value!r}")
+    if had.get(key) != value:
+      raise UserError(f"checkpoint in {workdir} has model.{key}={had.get(key)!r} but the "
+                      f"config says {value!r}")

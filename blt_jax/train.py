@@ -173,7 +173,8 @@ def resume(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   """Restores the latest checkpoint into `state` (keeping its layout) and the data
   iterator's position, in place; returns its step."""
   saved, _ = ckpt.read_config()
-  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir,
+                              models.default_fields(config.model.kind))
   restored, _, start = ckpt.restore(None, checkpoint.abstract(nnx.to_pure_dict(state)),
                                     data_iter=train_iter)
   nnx.replace_by_pure_dict(state, restored)

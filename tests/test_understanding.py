@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from blt_jax import models
+from blt_jax import checkpoint, models
+from blt_jax.errors import UserError
 from blt_jax.jobs import evaluate
 from tests.conftest import tiny_config
 from tests.test_blt_model import P, T, causal_starts, lengths_from_starts, random_inputs, tiny_model
@@ -60,3 +61,18 @@ def test_the_entropy_models_compared_have_their_stated_sizes():
     fields = importlib.import_module(f"configs.{name}").get_config("size=small").model.to_dict()
     model = nnx.eval_shape(lambda: models.build(fields))
     assert model.param_counts()["total"] / 1e6 == pytest.approx(millions, abs=0.005)
+
+
+def test_a_run_older_than_a_field_has_its_default():
+  """A run saved before `zero_global` existed ran without it: asking for it at eval is a
+  change; a field the run derived (saved None) is taken from its record, not compared."""
+  saved = {"model": {"kind": "blt", "dim": 8, "max_patches": None}}
+  config = tiny_config("patch3", **{"model.zero_global": True})
+  assert evaluate.runtime_changes(config, saved) == {"zero_global": True}
+  assert evaluate.runtime_changes(tiny_config("patch3"), saved) == {}
+  fields = {"kind": "blt", "max_patches": 86, "pooling": "max"}
+  checkpoint.check_same_model({"model": {"kind": "blt", "max_patches": None}}, fields, "w",
+                              models.default_fields("blt"))
+  with pytest.raises(UserError, match="model.pooling='max' but the config says 'mean'"):
+    checkpoint.check_same_model({"model": {"kind": "blt", "max_patches": 86}},
+                                {**fields, "pooling": "mean"}, "w", models.default_fields("blt"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import ml_collections
 from flax import nnx
 
-from blt_jax import api, bpe, checkpoint, entropy, files, train
+from blt_jax import api, bpe, checkpoint, entropy, files, models, train
 from blt_jax.errors import UserError
 from blt_jax.evaluate import Evaluator
 from blt_jax.patcher import BatchPatcher
@@ -51,9 +51,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
 
 def runtime_changes(config: ml_collections.ConfigDict, saved: dict) -> dict:
   """The fields of how the model computes that this invocation changes from the run's
-  (an ablation such as `model.zero_global`, or another dtype)."""
+  (an ablation such as `model.zero_global`, or another dtype); a field the run's config
+  predates had its default."""
+  was = {**models.default_fields(saved["model"]["kind"]), **saved["model"]}
   return {k: v for k, v in config.model.to_dict().items()
-          if k in checkpoint.RUNTIME_FIELDS and v != saved.get("model", {}).get(k, v)}
+          if k in checkpoint.RUNTIME_FIELDS and k in was and v != was[k]}
 
 
 def restore(config: ml_collections.ConfigDict, workdir: Path):
@@ -61,7 +63,8 @@ def restore(config: ml_collections.ConfigDict, workdir: Path):
   config (with this invocation's eval section and cache), the documents it held out, and
   those changes."""
   saved, _ = checkpoint.read_config(workdir, config.eval.step)
-  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir,
+                              models.default_fields(config.model.kind))
   changes = runtime_changes(config, saved)
   lm = api.load(workdir, config.eval.step, runtime=changes)
   config = ml_collections.ConfigDict({**lm.config.to_dict(), "eval": config.eval.to_dict(),

@@ -151,7 +151,8 @@ NOT_COMPUTED = ("patching.text", "patching.file", "data.cache_dir", "train.stop_
 
 def check_same_run(saved: dict, config: ml_collections.ConfigDict, workdir: Path):
   """A finished run is this row only if it was trained with this row's config."""
-  checkpoint.check_same_model(saved, config.model.to_dict(), workdir)
+  checkpoint.check_same_model(saved, config.model.to_dict(), workdir,
+                              models.default_fields(config.model.kind))
   want = config_files.flatten({k: config[k].to_dict() for k in SAME_RUN if k != "model"})
   have = config_files.flatten({k: saved.get(k, {}) for k in SAME_RUN if k != "model"})
   for key, value in want.items():  # (a field newer than the run is not compared)

@@ -47,6 +47,11 @@ def config_for(fields: dict):
   return cfg_cls(**{k: v for k, v in fields.items() if k in names})
 
 
+def default_fields(kind: str) -> dict:
+  """The shape fields of a model kind at their defaults ({} for a kind not built here)."""
+  return dataclasses.asdict(KINDS[kind].config()) if kind in KINDS else {}
+
+
 def resolve(fields: dict) -> dict:
   """The fields as the run builds the model (e.g. a pretrained Qwen3's shape filled in)."""
   cfg = KINDS[fields["kind"]].resolve(config_for(fields))
@@ -63,4 +68,5 @@ def build(fields: dict, seed: int = 0) -> ByteModel:
   return KINDS[fields["kind"]].module(config_for(fields), rngs=nnx.Rngs(seed))
 
 
-__all__ = ["ByteModel", "KINDS", "build", "config_for", "load_pretrained", "resolve"]
+__all__ = ["ByteModel", "KINDS", "build", "config_for", "default_fields", "load_pretrained",
+           "resolve"]
