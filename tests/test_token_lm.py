@@ -188,3 +188,15 @@ def test_matched_sweeps_meet_their_tolerance(size):
     assert len(steps) == 1  # every row trains on the same bytes
   globals_ = [sweep.variant_config(config.sweep, r).model.global_dim for r in runs]
   assert globals_ == sorted(globals_) and globals_[0] < globals_[-1]  # the global grows
+
+
+def test_xla_flops_of_a_token_step_agree_with_analytic():
+  """A token model's step runs its S token slots, not one per byte: with every slot a
+  token (T / S bytes each), XLA's count matches the analytic one up to the masked half of
+  attention and the optimizer."""
+  config = tiny_config("token_lm", **{"data.seq_len": 128, "model.vocab_size": 512,
+                                      "model.max_tokens": 32})
+  fields = config.model.to_dict()
+  analytic = models.build(fields).flops_per_byte(128, 128 / 32)
+  ratio = sweep.xla_train_flops_per_byte(config, fields) / analytic
+  assert 1.0 < ratio < 1.35, ratio

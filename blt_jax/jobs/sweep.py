@@ -98,18 +98,21 @@ def variant_config(sweep: ml_collections.ConfigDict, run: dict,
 def xla_train_flops_per_byte(config: ml_collections.ConfigDict, model_fields: dict) -> float:
   """XLA's HLO cost analysis of one whole train step (forward, backward, optimizer),
   per byte position of the batch: the FLOPs executed, masked parts of attention blocks and every
-  patch slot included, unlike the analytic model FLOPs of `models.flops`."""
+  patch (or token) slot included, unlike the analytic model FLOPs of `models.flops`."""
   def init():
     model = models.build(model_fields)
     return model, nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
 
   graphdef, state = nnx.split(nnx.eval_shape(init))
   B, T = config.train.batch_size, config.data.seq_len
-  batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32),
-           "targets": jax.ShapeDtypeStruct((B, T), jnp.int32),
-           "mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
+  S = model_fields.get("max_tokens") or T  # a token model's training windows: S token slots
+  batch = {"inputs": jax.ShapeDtypeStruct((B, S), jnp.int32),
+           "targets": jax.ShapeDtypeStruct((B, S), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((B, S), jnp.float32)}
   if "max_patches" in model_fields:
     batch["patch_lengths"] = jax.ShapeDtypeStruct((B, model_fields["max_patches"]), jnp.int32)
+  if "max_tokens" in model_fields:
+    batch["target_bytes"] = jax.ShapeDtypeStruct((B, S), jnp.int32)
   step = train.make_train_step(graphdef, grad_accum=config.train.get("grad_accum", 1))
   cost = step.lower(state, batch).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
