@@ -89,12 +89,12 @@ def tiny_run(tmp_path_factory, private_cache):
 
 
 @pytest.fixture(scope="session")
-def blt_run(tmp_path_factory, private_cache):
-  """A tiny patch3 BLT run and its own tiny entropy model, trained once, launched from
-  another directory than the repository's."""
+def blt_run(tmp_path_factory, private_cache, small_corpus):
+  """A tiny patch3 BLT run on the small corpus and its own tiny entropy model, trained
+  once, launched from another directory than the repository's."""
   def build(root):
     result = launch(f"--config={ROOT / 'configs' / 'patch3.py'}:size=tiny",
-                    f"--workdir={root / 'patch3'}",
+                    f"--workdir={root / 'patch3'}", f"--config.data.corpus={small_corpus}",
                     f"--config.patching.entropy_workdir={root / 'entropy'}", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
   return shared_folder(tmp_path_factory, "blt", build)
@@ -102,9 +102,11 @@ def blt_run(tmp_path_factory, private_cache):
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
-  """150 documents of 3000 stdlib bytes (7 of them held out): a corpus scored in seconds."""
+  """150 documents of 3000 stdlib bytes (7 of them held out): a corpus scored in seconds.
+  One folder for every worker (a corpus's fingerprint holds its files' times)."""
   src = b"".join(p.read_bytes() for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40])
-  root = tmp_path_factory.mktemp("small_corpus")
-  for i in range(150):
-    (root / f"doc{i:03d}.py").write_bytes(src[i * 3000:(i + 1) * 3000])
-  return root
+
+  def build(root):
+    for i in range(150):
+      (root / f"doc{i:03d}.py").write_bytes(src[i * 3000:(i + 1) * 3000])
+  return shared_folder(tmp_path_factory, "small_corpus", build)

@@ -26,11 +26,12 @@ def test_run_writes_summary_with_calibrated_patches(blt_run):
   assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_the_run_records_what_it_resolved_and_keeps_its_config(blt_run):
+def test_the_run_records_what_it_resolved_and_keeps_its_config(blt_run, small_corpus):
   """The saved config is the launched one, untouched; the calibrated threshold, the patch
   slots and the entropy model live in resolved.json, which the API reads back."""
   saved, _ = checkpoint.read_config(blt_run / "patch3")
-  launched = tiny_config("patch3", **{"patching.entropy_workdir": str(blt_run / "entropy")})
+  launched = tiny_config("patch3", **{"patching.entropy_workdir": str(blt_run / "entropy"),
+                                      "data.corpus": str(small_corpus)})
   assert saved == json.loads(launched.to_json())  # nothing was written into the config
   assert saved["patching"]["threshold"] is None and saved["train"]["stop_at"] is None
   record = Resolved.of_run(blt_run / "patch3")
@@ -73,9 +74,9 @@ def test_restore_gives_identical_logprobs(blt_run):
   assert restored["bytes"] == trained["bytes"] and abs(restored["bpb"] - trained["bpb"]) < 1e-5
 
 
-def test_entropy_cache_matches_direct_scoring_and_is_reused(blt_run):
+def test_entropy_cache_matches_direct_scoring_and_is_reused(blt_run, small_corpus):
   lm = blt_jax.load(blt_run / "entropy")
-  corpus = data.prepare("stdlib")
+  corpus = data.prepare(str(small_corpus))  # the run's corpus
   path = (data.cache_root() / "entropies" /
           f"{corpus.fingerprint}-{entropy.model_fingerprint(lm)}.npy")
   written = path.stat().st_mtime_ns  # the run scored the corpus once ...

@@ -87,20 +87,20 @@ def test_stdlib_split_keeps_long_files_whole():
   assert sum(sizes[is_held]) > 100_000
 
 
-def test_entropy_model_shares_the_blt_run_split(blt_run):
+def test_entropy_model_shares_the_blt_run_split(blt_run, small_corpus):
   run, ent = (splits.Split.load(blt_run / name) for name in ("patch3", "entropy"))
-  assert run is not None and run == ent
-  corpus = data.prepare("stdlib")
+  assert run is not None and run == ent and run.corpus == str(small_corpus)
+  corpus = data.prepare(str(small_corpus))
   ent_train = set(corpus.names) - set(ent.held_out)
   assert ent_train <= set(corpus.names) - set(run.held_out)  # inside the run's training set
   summary = json.loads((blt_run / "patch3" / "summary.json").read_text())
   assert summary["entropy_workdir"] == str(blt_run / "entropy")
 
 
-def test_entropy_model_of_another_split_stops_the_run(blt_run, tmp_path):
+def test_entropy_model_of_another_split_stops_the_run(blt_run, small_corpus, tmp_path):
   before = sorted(p.name for p in (blt_run / "entropy" / "checkpoints").iterdir())
   result = launch("--config=configs/patch3.py:size=tiny", f"--workdir={tmp_path / 'x'}",
-                  "--config.data.eval_fraction=0.1",
+                  "--config.data.eval_fraction=0.1", f"--config.data.corpus={small_corpus}",
                   f"--config.patching.entropy_workdir={blt_run / 'entropy'}")
   assert result.returncode == 2, result.stderr[-2000:]
   line = result.stderr.strip()
@@ -115,9 +115,10 @@ def test_sweep_entropy_model_of_another_corpus_stops_before_training(blt_run, sm
                                                                       tmp_path):
   result = launch("--config=configs/sweeps/patch_size.py:size=tiny",
                   f"--workdir={tmp_path / 'sw'}", "--config.sweep.only=patch3",
-                  f"--config.sweep.corpus={small_corpus}",
+                  "--config.sweep.corpus=stdlib",
                   f"--config.sweep.entropy_models={blt_run / 'entropy'}")
-  assert result.returncode == 2 and "its corpus is 'stdlib'" in result.stderr, result.stderr
+  assert result.returncode == 2 and f"its corpus is '{small_corpus}'" in result.stderr, \
+      result.stderr
   assert not (tmp_path / "sw" / "patch3").exists()
 
 
@@ -172,12 +173,12 @@ def test_training_windows_get_the_patches_the_api_gives(blt_run):
     np.testing.assert_array_equal(trained, given, err_msg=s.corpus.names[d])
 
 
-def test_eval_bpb_is_what_the_api_scores(blt_run, tmp_path):
+def test_eval_bpb_is_what_the_api_scores(blt_run, small_corpus, tmp_path):
   """`mode=eval` on held-out documents equals -mean log2 p through next_byte_logprobs."""
   run = tmp_path / "patch3"
   shutil.copytree(blt_run / "patch3", run)
   held = splits.Split.load(run).held_out
-  corpus = data.prepare("stdlib")
+  corpus = data.prepare(str(small_corpus))  # the run's corpus
   docs = tmp_path / "docs"
   docs.mkdir()
   picked = [n for n in held if 300 < len(corpus.doc(corpus.names.index(n))) < 6000][:4]

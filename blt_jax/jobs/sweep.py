@@ -206,8 +206,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     table.setdefault(row["variant"], []).append(row)
   out = []
   for name, group in table.items():
-    agg = {k: group[0][k] for k in ("variant", "series", "config", "kind", "patching",
-                                    "target_patch_size")}
+    agg = {k: group[0].get(k) for k in ("variant", "series", "config", "kind", "patching",
+                                        "target_patch_size")}
     agg["seeds"] = len(group)
     for key, _, _ in COLUMNS:
       values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
