@@ -92,10 +92,11 @@ def test_the_vocabulary_never_saw_a_held_out_document(small_corpus, tmp_path):
   vocabulary had seen it; the same kind of word in a training file is."""
   root = tmp_path / "corpus"
   root.mkdir()
-  for f in sorted(small_corpus.iterdir()):
+  for f in sorted(small_corpus.glob("*.py")):
     (root / f.name).write_bytes(f.read_bytes())
-  held = sorted(n for n in (f.name for f in root.iterdir()) if splits_lib.is_held_out(n, 0.05))
-  trained = sorted(set(f.name for f in root.iterdir()) - set(held))
+  names = sorted(f.name for f in root.iterdir())
+  held = [n for n in names if splits_lib.is_held_out(n, 0.05)]
+  trained = [n for n in names if n not in held]
   (root / held[0]).write_bytes(b" qzxvwk" * 2000)
   (root / trained[0]).write_bytes(b" jfyplg" * 2000)
   config = tiny_config("token_lm", **{"data.corpus": str(root), "data.seq_len": T,
