@@ -72,6 +72,10 @@ class BPE:
   def decode(self, ids) -> bytes:
     return self.tokenizer.decode([int(i) for i in ids]).encode("latin-1")
 
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes token `token_id` spells."""
+    return self.tokenizer.id_to_token(int(token_id)).encode("latin-1")
+
 
 def cache_path(corpus: data.Corpus, split_key: str, vocab_size: int, cache_dir: str) -> Path:
   """Where the vocabulary of a corpus's training documents (by its split) is cached."""

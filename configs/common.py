@@ -140,7 +140,7 @@ def base_config(arg: str | None) -> ml_collections.ConfigDict:
   c.sample.batch_size = 8        # prompts generated together
   c.sample.max_bytes = 200       # bytes to generate per prompt
   c.sample.temperature = 0.8     # 0 = greedy
-  c.sample.top_k = 0             # sample from the k likeliest bytes; 0 = all
+  c.sample.top_k = 0             # sample from the k likeliest bytes (tokens); 0 = all
   c.sample.top_p = 1.0           # ... and from the smallest set holding this much mass
   c.sample.stop = ""             # end a prompt's output once it ends with this text
   c.sample.seed = 0              # prompt i draws with seed + i

@@ -121,7 +121,7 @@ BAD_INPUTS = [  # (extra arguments, what the one-line error says); README's tabl
     (["--workdir={tmp}/none", "--config.mode=eval"], "no checkpoint"),
     (["--workdir={tmp}/none", "--config.mode=sample"], "no checkpoint"),
     (["--config.mode=sample", "--config.sample.max_bytes=0"], "sample.max_bytes"),
-    (["--config.mode=sample", "--config.sample.top_k=300"], "sample.top_k must be in 0..256"),
+    (["--config.mode=sample", "--config.sample.top_k=-1"], "sample.top_k must be an integer >= 0"),
     (["--config.mode=sample", "--config.sample.temperature=-1.0"], "sample.temperature"),
     (["--config.mode=sample", "--config.sample.top_p=1.5"], "sample.top_p must be in (0, 1]"),
     (["--config.mode=patch"], "needs a patching config"),

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 import blt_jax
 from blt_jax import bpe, models, splits as splits_lib
 from blt_jax.errors import UserError
-from blt_jax.jobs import sweep, train as train_job
+from blt_jax.jobs import sample, sweep, train as train_job
 from blt_jax.loss import summarize, token_stats
 from configs import flops_match
 from configs.sweeps import budget, tokens_vs_patches
@@ -82,9 +82,65 @@ def test_eval_mode_scores_the_same_bytes(token_run, capsys):
 def test_a_token_model_has_no_next_byte_probabilities(token_run):
   lm = blt_jax.load(token_run[0])
   for use in (lambda: lm.next_byte_logprobs(b"def f():"),
-              lambda: lm.generate([b"def "], max_bytes=4)):
+              lambda: lm.generate_with_logprobs([b"def "], max_bytes=4)):
     with pytest.raises(UserError, match="BPE-token model"):
       use()
+
+
+def greedy_reference(workdir, prompt: bytes, max_bytes: int) -> bytes:
+  """Greedy token generation without caches, counted here: the prompt tokenized by
+  `tokenizers`, each next token the argmax of a whole forward pass over BOS and the
+  window of the last tokens (windows of the run's token slots S, sliding by 3S/4 when
+  full), spelt by the tokenizer's own decode, cut at max_bytes."""
+  lm = blt_jax.load(workdir)
+  tokenizer = Tokenizer.from_file(str(workdir / "tokenizer.json"))
+  V, S = tokenizer.get_vocab_size(), lm.resolved.model["max_tokens"]
+  ids = tokenizer.encode(prompt.decode("latin-1"), add_special_tokens=False).ids
+  n_prompt, out = len(ids), b""
+  while len(out) < max_bytes:
+    q = len(ids)
+    start = 0 if q < S else ((q - S) // (3 * S // 4) + 1) * (3 * S // 4)
+    inputs = np.asarray([[V] + ids[start:]], np.int32)
+    ids.append(int(np.argmax(np.asarray(lm.model(jax.numpy.asarray(inputs)))[0, -1])))
+    out = tokenizer.decode(ids[n_prompt:]).encode("latin-1")
+  return out[:max_bytes]
+
+
+PROMPTS = [b"def ", b"", b"import os\nclass A:\n    def __init__(self, x):\n"
+           b"        self.x = [x for x in range(10)]  # a prompt longer than the slots\n" * 3]
+
+
+def test_greedy_token_generation_equals_the_uncached_reference(token_run):
+  workdir, _ = token_run
+  lm = blt_jax.load(workdir)
+  assert len(lm.bpe.encode_batch([PROMPTS[2]])[0][0]) > lm.resolved.model["max_tokens"]
+  streamed = {i: b"" for i in range(len(PROMPTS))}
+  def on_bytes(i, new):
+    streamed[i] += new
+  out = lm.generate(PROMPTS, max_bytes=150, on_bytes=on_bytes)
+  for i, prompt in enumerate(PROMPTS):
+    assert out[i] == greedy_reference(workdir, prompt, 150), i
+    assert streamed[i] == out[i]
+
+
+def test_token_generation_rows_are_independent_and_stop(token_run):
+  lm = blt_jax.load(token_run[0])
+  opts = dict(max_bytes=40, temperature=1.0, top_k=50, seed=3)
+  together = lm.generate(PROMPTS, **opts)
+  for i, prompt in enumerate(PROMPTS):
+    assert lm.generate([prompt], **{**opts, "seed": 3 + i}) == [together[i]]
+  assert len(set(together)) == len(PROMPTS) and all(len(t) == 40 for t in together)
+  text = together[0]
+  stop = text[5:7]  # a stop the row draws: the output ends just after its first match
+  assert lm.generate([PROMPTS[0]], stop=stop, **opts) == [text[:text.index(stop) + 2]]
+
+
+def test_sample_mode_continues_with_a_token_model(token_run, capsysbinary):
+  workdir, _ = token_run
+  config = tiny_config("token_lm", **{"mode": "sample", "sample.prompt": "def ",
+                                      "sample.max_bytes": 24, "sample.temperature": 0.0})
+  sample.run(config, workdir)
+  assert capsysbinary.readouterr().out == b"def " + greedy_reference(workdir, b"def ", 24) + b"\n"
 
 
 def test_the_vocabulary_never_saw_a_held_out_document(small_corpus, tmp_path):

@@ -31,8 +31,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
     h = (entropy.corpus_entropies(entropy_lm, splits.eval_corpus, config.data.cache_dir)
          if rule.uses_entropy else None)
     transform = BatchPatcher(rule, h)
-  if lm.resolved.model.get("kind") == "token_lm":  # one token slot per byte: every window fits
-    transform = bpe.TokenWindows(bpe.BPE.load(lm.workdir / bpe.TOKENIZER_FILE), lm.seq_len)
+  if lm.bpe is not None:  # one token slot per byte: every window fits
+    transform = bpe.TokenWindows(lm.bpe, lm.seq_len)
   batches, total = splits.eval_batches(config, config.eval.max_bytes, transform)
   graphdef, state = nnx.split(lm.model)
   result = Evaluator(graphdef)(state, (train.to_device(b) for b in batches), total=total)

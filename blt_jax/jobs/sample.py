@@ -45,7 +45,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
   opts = options(s)
   prompts = read_prompts(s)
   lm = api.for_config(config, workdir)
-  lm.predicts_bytes("byte generation")
   out = sys.stdout.buffer
   for lo in range(0, len(prompts), s.batch_size):
     batch = prompts[lo:lo + s.batch_size]

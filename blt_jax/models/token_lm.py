@@ -27,9 +27,6 @@ class TokenLM(ByteLM):
       raise ValueError(f"a token LM's vocabulary is its BPE tokens; vocab={cfg.vocab!r}")
     return cfg.vocab_size + 1, cfg.vocab_size
 
-  def init_cache(self, batch_size: int, length: int):
-    raise NotImplementedError("a BPE-token model does not generate bytes")
-
   def flops_per_byte(self, seq_len: int, mean_patch_size: float | None = None) -> float:
     """At `mean_patch_size` bytes per token (default: the training slots filled)."""
     return flops.token_lm_flops_per_byte(self.cfg, seq_len,

@@ -50,6 +50,11 @@ def byte_logprobs(logits_xV):
   return jax.nn.log_softmax(logits_xV[..., -BYTES:].astype(jnp.float32), axis=-1)
 
 
+def logprobs(logits_xV):
+  """log p [..., V] over all V tokens (a BPE-token model's)."""
+  return jax.nn.log_softmax(logits_xV.astype(jnp.float32), axis=-1)
+
+
 def entropy(logits_xV):
   """Entropy (nats) [...] of the distribution over all V tokens."""
   logp_xV = jax.nn.log_softmax(logits_xV.astype(jnp.float32), axis=-1)
