@@ -2,6 +2,7 @@
 and the two entropy-model sizes the understanding sweep compares."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 
@@ -13,6 +14,8 @@ from flax import nnx
 from blt_jax import checkpoint, models
 from blt_jax.errors import UserError
 from blt_jax.jobs import evaluate
+from blt_jax.models import blt, flops
+from blt_jax.models.byte_lm import ByteLMConfig
 from tests.conftest import tiny_config
 from tests.test_blt_model import P, T, causal_starts, lengths_from_starts, random_inputs, tiny_model
 
@@ -25,6 +28,19 @@ def logits_with_global_perturbed(model, inputs, lengths):
   model2 = nnx.merge(graphdef, state)
   nnx.update(model2.global_tf, noisy)
   return before, np.asarray(model2(inputs, lengths))
+
+
+def test_zero_global_flops_are_the_local_stacks_alone():
+  """Trained with the global path zeroed, BLT is its encoder and decoder blocks: with equal
+  widths and windows, a byte transformer of their layers (same head)."""
+  cfg = blt.BLTConfig(enc_dim=64, enc_layers=1, dec_dim=64, dec_layers=2, enc_window=32,
+                      dec_window=32, global_dim=96, hash_ngrams=(), zero_global=True)
+  byte_lm = ByteLMConfig(dim=64, n_layers=3, window=32)
+  want = flops.byte_lm_flops_per_byte(byte_lm, 128)
+  assert flops.blt_flops_per_byte(cfg, 128, 3.0) == pytest.approx(want)
+  assert flops.blt_flops_per_byte(cfg, 128, 8.0) == pytest.approx(want)
+  full = dataclasses.replace(cfg, zero_global=False)
+  assert flops.blt_flops_per_byte(full, 128, 3.0) > 1.5 * want
 
 
 @pytest.mark.parametrize("zero", [False, True])

@@ -65,6 +65,8 @@ def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) 
   k * S != G); global blocks with causal context over n_p patches; decoder slot projection
   (2 * G * k * D) and, per decoder cross-attention, its k/v projections (k * 2 * 2 * D^2).
   mean_patch_size None uses seq_len / cfg.max_patches (the slots actually executed).
+  With `cfg.zero_global` nothing from the patches reaches the decoder: only the encoder and
+  decoder blocks, the projection between them and the head count.
   """
   T = seq_len
   E, G, D, k, S = cfg.enc_dim, cfg.global_dim, cfg.dec_dim, cfg.cross_attn_k, cfg.slot_dim
@@ -74,12 +76,11 @@ def blt_flops_per_byte(cfg, seq_len: int, mean_patch_size: float | None = None) 
   enc = block_flops(E, cfg.mlp_ratio, mean_context(T, cfg.enc_window), cfg.enc_mlp_dim)
   dec = block_flops(D, cfg.mlp_ratio, mean_context(T, cfg.dec_window), cfg.dec_mlp_dim)
   glob = block_flops(G, cfg.mlp_ratio, mean_context(n_p), cfg.global_mlp_dim)
-  per_byte = (cfg.enc_layers * enc
-              + 2 * 2 * E * S
-              + (2 * E * D if E != D else 0)
-              + c * (2 * 2 * D * D + 4 * D * k)
-              + cfg.dec_layers * dec
-              + 2 * D * vocab.output_columns(cfg.vocab))
+  local = (cfg.enc_layers * enc + (2 * E * D if E != D else 0) + cfg.dec_layers * dec
+           + 2 * D * vocab.output_columns(cfg.vocab))
+  if cfg.zero_global:
+    return TRAIN_PER_FORWARD * local
+  per_byte = local + 2 * 2 * E * S + c * (2 * 2 * D * D + 4 * D * k)
   per_patch = (2 * E * k * S
                + k * 2 * 2 * S * S + 4 * k * S * m
                + (2 * k * S * G if k * S != G else 0)
