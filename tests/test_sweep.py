@@ -13,6 +13,7 @@ import blt_jax
 from blt_jax import checkpoint, models
 from blt_jax.errors import UserError
 from blt_jax.jobs import sweep
+from blt_jax.models import blt, flops
 from tests.conftest import launch, tiny_config
 from tests.test_qwen3 import with_tokenizer
 
@@ -60,7 +61,10 @@ def test_patch_size_sweep_table(sweep_dir):
 
 
 def test_finished_sweep_is_not_retrained(sweep_dir, small_corpus):
-  before = (sweep_dir / "ps" / "patch3" / "seed0" / "metrics.jsonl").read_text()
+  row = sweep_dir / "ps" / "patch3" / "seed0"
+  before = (row / "metrics.jsonl").read_text()
+  summary = json.loads((row / "summary.json").read_text())
+  (row / "summary.json").write_text(json.dumps({**summary, "train_flops_per_byte": 1.0}))
   result = launch("--config=configs/sweeps/patch_size.py:size=tiny",
                   f"--workdir={sweep_dir / 'ps'}", "--config.sweep.only=patch3,patch12",
                   f"--config.sweep.corpus={small_corpus}",
@@ -69,7 +73,15 @@ def test_finished_sweep_is_not_retrained(sweep_dir, small_corpus):
   assert result.stdout.count("finished, reusing") == 2
   assert (sweep_dir / "ps" / "patch3" / "seed0" / "metrics.jsonl").read_text() == before
   with open(sweep_dir / "ps" / "results.csv") as f:
-    assert [r["variant"] for r in csv.DictReader(f)] == ["patch3", "patch12"]
+    rows = list(csv.DictReader(f))
+  assert [r["variant"] for r in rows] == ["patch3", "patch12"]
+  # the analytic FLOPs are recounted from the row's shape and held-out patch size
+  fields = json.loads((row / "resolved.json").read_text())["model"]
+  cfg = blt.BLTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in fields.items() if k != "kind"})
+  want = flops.blt_flops_per_byte(cfg, 64, summary["mean_patch_size"])
+  assert float(rows[0]["train_flops_per_byte"]) == pytest.approx(want, rel=1e-6)
+  assert float(rows[0]["infer_flops_per_byte"]) == pytest.approx(want / 3, rel=1e-6)
 
 
 def test_qwen3_entropy_model_in_a_sweep(small_corpus, tmp_path):

@@ -134,12 +134,16 @@ def run_one(config, run: dict, workdir: Path) -> dict:
     with WorkdirLock(workdir):
       train_job.run(config, workdir)
     summary = json.loads(summary_file.read_text())
+  model_fields = Resolved.of_run(workdir).model
   if "xla_train_flops_per_byte" not in summary:
-    summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(
-        config, Resolved.of_run(workdir).model)
+    summary["xla_train_flops_per_byte"] = xla_train_flops_per_byte(config, model_fields)
     files.write_json(summary_file, summary)
-  summary.setdefault("infer_flops_per_byte",  # (summaries written before it was recorded)
-                     summary["train_flops_per_byte"] / flops.TRAIN_PER_FORWARD)
+  # The analytic FLOPs by today's count, from the row's shape and measured patch (token)
+  # size: every row of a table is counted alike, however long ago it ran.
+  train_flops = nnx.eval_shape(lambda: models.build(model_fields)).flops_per_byte(
+      config.data.seq_len, summary.get("mean_patch_size"))
+  summary.update(train_flops_per_byte=train_flops,
+                 infer_flops_per_byte=train_flops / flops.TRAIN_PER_FORWARD)
   return {"variant": run["name"], "seed": run["seed"], "series": run["series"],
           "config": run["config"], "kind": config.model.kind, "patching": config.patching.mode,
           "target_patch_size": config.patching.target_patch_size,
